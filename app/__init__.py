@@ -1,0 +1,1 @@
+"""tuneserve: a self-hosted LoRA fine-tuning service."""

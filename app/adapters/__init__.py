@@ -1,0 +1,1 @@
+"""Trained LoRA adapters, registered when their job succeeds."""

@@ -1,0 +1,53 @@
+"""Every SQL query of the adapters domain."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
+
+from app.adapters.models import Adapter
+from app.errors import Conflict, InvalidRequest, NotFound
+from app.jobs.models import Job
+
+
+def get_adapter(session: Session, *, owner: str, adapter_id: str) -> Adapter:
+    adapter = session.get(Adapter, adapter_id)
+    if adapter is None or adapter.owner != owner:
+        raise NotFound(f"No adapter {adapter_id!r}. GET /adapters lists yours.", code="adapter_not_found")
+    return adapter
+
+
+def resolve_adapter(session: Session, *, owner: str, reference: str) -> Adapter:
+    """An adapter by its id, by the id of the job that trained it, or by its name (ft:…)."""
+    if reference.startswith("ftjob-"):
+        job = session.get(Job, reference)
+        if job is None or job.owner != owner:
+            raise NotFound(f"No job {reference!r}.", code="job_not_found")
+        adapter = session.scalar(select(Adapter).where(Adapter.job_id == reference))
+        if adapter is None:
+            raise Conflict(
+                f"Job {reference} has no adapter: it is {job.status.value}. Adapters exist once "
+                "a job has succeeded.",
+                code="adapter_not_ready",
+            )
+        return adapter
+    if reference.startswith("ft:"):
+        adapter = session.scalar(select(Adapter).where(Adapter.name == reference, Adapter.owner == owner))
+        if adapter is None:
+            raise NotFound(f"No adapter named {reference!r}.", code="adapter_not_found")
+        return adapter
+    return get_adapter(session, owner=owner, adapter_id=reference)
+
+
+def list_adapters(
+    session: Session, *, owner: str, limit: int, after: str | None
+) -> tuple[list[Adapter], bool]:
+    query = select(Adapter).where(Adapter.owner == owner)
+    if after is not None:
+        cursor = session.get(Adapter, after)
+        if cursor is None or cursor.owner != owner:
+            raise InvalidRequest(f"after: no adapter {after!r}", code="invalid_cursor")
+        query = query.where(tuple_(Adapter.created_at, Adapter.id) < (cursor.created_at, cursor.id))
+    query = query.order_by(Adapter.created_at.desc(), Adapter.id.desc()).limit(limit + 1)
+    adapters = list(session.scalars(query))
+    return adapters[:limit], len(adapters) > limit

@@ -1,0 +1,82 @@
+"""`tuneserve up`: run the api, one worker and the scheduler together, and stop them together."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from rich.console import Console
+
+STOP_GRACE_SECONDS = 20
+
+
+def api_command(host: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+        "--host", host, "--port", str(port), "--no-access-log",
+    ]
+
+
+def worker_arguments(queues: Sequence[str], concurrency: int = 1) -> list[str]:
+    return [
+        "worker", "--loglevel", "INFO", "--queues", ",".join(queues),
+        "--concurrency", str(concurrency), "--pool", "prefork", "--without-gossip",
+        "--without-mingle",
+    ]
+
+
+def worker_command(queues: Sequence[str]) -> list[str]:
+    celery = [sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app"]
+    return celery + worker_arguments(queues)
+
+
+def scheduler_command() -> list[str]:
+    return [sys.executable, "-m", "app.cli.main", "scheduler"]
+
+
+class Supervisor:
+    """Starts child processes; when one dies or a stop signal arrives, stops all of them."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+
+    def start(self, name: str, command: list[str]) -> None:
+        self.children[name] = subprocess.Popen(command)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stopping = True
+        self.console.print(f"[yellow]{signal.Signals(signum).name}: stopping…[/yellow]")
+
+    def run(self) -> int:
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        exit_code = 0
+        while not self.stopping:
+            for name, child in self.children.items():
+                if child.poll() is not None:
+                    self.console.print(f"[red]{name} exited with code {child.returncode}; stopping the rest.[/red]")
+                    exit_code = child.returncode or 1
+                    self.stopping = True
+                    break
+            time.sleep(0.5)
+        self.stop()
+        return exit_code
+
+    def stop(self) -> None:
+        for child in self.children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for name, child in self.children.items():
+            try:
+                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                self.console.print(f"[red]{name} did not stop in {STOP_GRACE_SECONDS} s; killing it.[/red]")
+                child.kill()
+                child.wait()

@@ -1,0 +1,1 @@
+"""Dataset intake: parsing, validation and fetching of user training data."""

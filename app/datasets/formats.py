@@ -1,0 +1,682 @@
+"""Parse and validate a user's training dataset file.
+
+A dataset is one file (JSONL, JSON array, CSV or Parquet, optionally gzip-compressed) whose rows
+all share one of five shapes. Every row is validated up front so a user learns about *all* the
+problems in their file at submission time, not hours into a training run.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DatasetError",
+    "DatasetFormat",
+    "ParsedDataset",
+    "RowError",
+    "parse_dataset",
+]
+
+# Kept small so an error payload stays readable and bounded even for a million bad rows.
+MAX_KEPT_ERRORS = 50
+# How many row errors str(DatasetError) spells out; the rest are summarised as a count.
+_ERRORS_IN_MESSAGE = 5
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_PARQUET_MAGIC = b"PAR1"
+_UTF8_BOM = "\ufeff"
+
+
+class DatasetFormat(StrEnum):
+    CHAT = "chat"
+    PROMPT_COMPLETION = "prompt_completion"
+    TEXT = "text"
+    ALPACA = "alpaca"
+    SHAREGPT = "sharegpt"
+
+
+@dataclass(frozen=True)
+class RowError:
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        if self.field:
+            return f"line {self.line}, field {self.field}: {self.message}"
+        return f"line {self.line}: {self.message}"
+
+
+class DatasetError(Exception):
+    """A dataset the user must fix. code is stable and machine-readable."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        errors: Sequence[RowError] = (),
+        *,
+        error_count: int | None = None,
+        rows_affected: int | None = None,
+    ) -> None:
+        self.code = code
+        self.message = message
+        self.errors: list[RowError] = list(errors[:MAX_KEPT_ERRORS])
+        # The parser caps what it keeps itself, so it passes the true totals explicitly.
+        self.error_count: int = len(errors) if error_count is None else error_count
+        self.rows_affected: int = (
+            len({e.line for e in errors}) if rows_affected is None else rows_affected
+        )
+        super().__init__(code, message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the row errors and totals when the exception crosses a process boundary (Celery).
+        return (type(self), (self.code, self.message, self.errors), self.__dict__)
+
+    def __str__(self) -> str:
+        if not self.errors:
+            return self.message
+        shown = "; ".join(str(e) for e in self.errors[:_ERRORS_IN_MESSAGE])
+        text = f"{self.message} First errors: {shown}."
+        hidden = self.error_count - min(len(self.errors), _ERRORS_IN_MESSAGE)
+        if hidden > 0:
+            text += f" ({hidden} more error{'s' if hidden != 1 else ''} not shown.)"
+        return text
+
+
+@dataclass(frozen=True)
+class ParsedDataset:
+    format: DatasetFormat
+    records: list[dict[str, Any]]
+    lines: list[int]
+
+    @property
+    def rows(self) -> int:
+        return len(self.records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+# ---------------------------------------------------------------------------------------------
+
+# Keys that identify a shape, in priority order: a row carrying keys of several shapes is taken
+# as the first listed (e.g. a chat row with a leftover "text" column is chat).
+_SHAPE_KEYS: tuple[tuple[DatasetFormat, frozenset[str]], ...] = (
+    (DatasetFormat.CHAT, frozenset({"messages"})),
+    (DatasetFormat.SHAREGPT, frozenset({"conversations"})),
+    (DatasetFormat.ALPACA, frozenset({"instruction", "output"})),
+    (DatasetFormat.PROMPT_COMPLETION, frozenset({"prompt", "completion"})),
+    (DatasetFormat.TEXT, frozenset({"text"})),
+)
+_IDENTIFYING_KEYS = dict(_SHAPE_KEYS)
+
+_SHAPE_EXAMPLES: dict[DatasetFormat, str] = {
+    DatasetFormat.CHAT: (
+        '{"messages": [{"role": "user", "content": "Hi"}, '
+        '{"role": "assistant", "content": "Hello!"}]}'
+    ),
+    DatasetFormat.PROMPT_COMPLETION: '{"prompt": "2+2=", "completion": "4"}',
+    DatasetFormat.TEXT: '{"text": "Once upon a time..."}',
+    DatasetFormat.ALPACA: (
+        '{"instruction": "Translate to French", "input": "cat", "output": "le chat"}'
+    ),
+    DatasetFormat.SHAREGPT: (
+        '{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}'
+    ),
+}
+
+_CHAT_ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES: dict[str, str] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+# CSV cells are strings; these columns carry a JSON-encoded conversation instead.
+_CSV_JSON_COLUMNS = frozenset({"messages", "conversations"})
+_ALL_KNOWN_KEYS = frozenset().union(*_IDENTIFYING_KEYS.values()) | {"input"}
+
+
+def _shape_of(row: dict[str, Any]) -> DatasetFormat | None:
+    for fmt, keys in _SHAPE_KEYS:
+        if keys & row.keys():
+            return fmt
+    return None
+
+
+def _accepted_shapes_text() -> str:
+    return "; ".join(f"{fmt.value}: {example}" for fmt, example in _SHAPE_EXAMPLES.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Error collection
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Errors:
+    """Collects row errors, keeping only the first few but counting all of them."""
+
+    kept: list[RowError] = field(default_factory=list)
+    count: int = 0
+    lines: set[int] = field(default_factory=set)
+
+    def add(self, line: int, field_name: str, message: str) -> None:
+        self.count += 1
+        self.lines.add(line)
+        if len(self.kept) < MAX_KEPT_ERRORS:
+            self.kept.append(RowError(line, field_name, message))
+
+
+def _type_name(value: object) -> str:
+    # JSON vocabulary, because that is what users write their files in.
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, bytes | bytearray):
+        return "binary"
+    return type(value).__name__
+
+
+def _get_str(
+    obj: dict[str, Any],
+    key: str,
+    path: str,
+    line: int,
+    errors: _Errors,
+    *,
+    required: bool = True,
+    allow_empty: bool = False,
+) -> str | None:
+    """Return obj[key] if it is an acceptable string, otherwise record why not."""
+    if key not in obj:
+        if required:
+            errors.add(line, path, "is missing")
+        return None
+    value = obj[key]
+    if value is None:
+        hint = "; use an empty string or leave the key out" if not required else ""
+        errors.add(
+            line, path, f"is null; must be a {'' if allow_empty else 'non-empty '}string{hint}"
+        )
+        return None
+    if not isinstance(value, str):
+        errors.add(line, path, f"must be a string, got {_type_name(value)}")
+        return None
+    if not allow_empty and not value.strip():
+        errors.add(line, path, "must be a non-empty string")
+        return None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Row validation and normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate_turns(
+    row: dict[str, Any],
+    line: int,
+    errors: _Errors,
+    *,
+    list_key: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str],
+) -> dict[str, Any] | None:
+    """Validate a chat or ShareGPT conversation and return it as TRL "messages"."""
+    turns = row.get(list_key)
+    if list_key not in row:
+        errors.add(line, list_key, "is missing")
+        return None
+    if not isinstance(turns, list):
+        errors.add(line, list_key, f"must be a list of messages, got {_type_name(turns)}")
+        return None
+    if not turns:
+        errors.add(line, list_key, "must be a non-empty list of messages")
+        return None
+
+    before = errors.count
+    messages: list[dict[str, str]] = []
+    allowed = ", ".join(roles)
+    for i, turn in enumerate(turns):
+        path = f"{list_key}[{i}]"
+        if not isinstance(turn, dict):
+            errors.add(
+                line,
+                path,
+                f"must be an object with {role_key!r} and {content_key!r}, got {_type_name(turn)}",
+            )
+            continue
+        role = _get_str(turn, role_key, f"{path}.{role_key}", line, errors)
+        if role is not None and role not in roles:
+            errors.add(line, f"{path}.{role_key}", f"is {role!r}; allowed roles: {allowed}")
+            role = None
+        content = _get_str(turn, content_key, f"{path}.{content_key}", line, errors)
+        if role is not None and content is not None:
+            messages.append({"role": roles[role], "content": content})
+    if errors.count != before:
+        return None
+
+    # Training only learns from assistant turns, so a conversation without one (or one that ends
+    # on another role, whose tail would be silently ignored) is almost certainly a data bug.
+    if not any(m["role"] == "assistant" for m in messages):
+        errors.add(line, list_key, "has no assistant message; there is nothing to train on")
+        return None
+    last = len(messages) - 1
+    if messages[last]["role"] != "assistant":
+        errors.add(
+            line,
+            f"{list_key}[{last}].{role_key}",
+            f"is {turns[last][role_key]!r}; a conversation must end with an assistant message "
+            "(messages after the last assistant reply are never trained on)",
+        )
+        return None
+    return {"messages": messages}
+
+
+def _normalise_chat(row: dict[str, Any], line: int, errors: _Errors) -> dict[str, Any] | None:
+    roles = {r: r for r in _CHAT_ROLES}
+    return _validate_turns(
+        row, line, errors, list_key="messages", role_key="role", content_key="content", roles=roles
+    )
+
+
+def _normalise_sharegpt(row: dict[str, Any], line: int, errors: _Errors) -> dict[str, Any] | None:
+    return _validate_turns(
+        row,
+        line,
+        errors,
+        list_key="conversations",
+        role_key="from",
+        content_key="value",
+        roles=_SHAREGPT_ROLES,
+    )
+
+
+def _normalise_alpaca(row: dict[str, Any], line: int, errors: _Errors) -> dict[str, Any] | None:
+    instruction = _get_str(row, "instruction", "instruction", line, errors)
+    extra = _get_str(row, "input", "input", line, errors, required=False, allow_empty=True)
+    output = _get_str(row, "output", "output", line, errors)
+    if instruction is None or output is None or ("input" in row and extra is None):
+        return None
+    user = instruction + ("\n\n" + extra if extra else "")
+    return {
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": output},
+        ]
+    }
+
+
+def _normalise_prompt_completion(
+    row: dict[str, Any], line: int, errors: _Errors
+) -> dict[str, Any] | None:
+    prompt = _get_str(row, "prompt", "prompt", line, errors)
+    completion = _get_str(row, "completion", "completion", line, errors)
+    if prompt is None or completion is None:
+        return None
+    return {"prompt": prompt, "completion": completion}
+
+
+def _normalise_text(row: dict[str, Any], line: int, errors: _Errors) -> dict[str, Any] | None:
+    text = _get_str(row, "text", "text", line, errors)
+    return None if text is None else {"text": text}
+
+
+_NORMALISERS = {
+    DatasetFormat.CHAT: _normalise_chat,
+    DatasetFormat.SHAREGPT: _normalise_sharegpt,
+    DatasetFormat.ALPACA: _normalise_alpaca,
+    DatasetFormat.PROMPT_COMPLETION: _normalise_prompt_completion,
+    DatasetFormat.TEXT: _normalise_text,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Containers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _RawRow:
+    """One row as read from the container, before shape validation."""
+
+    line: int
+    value: Any
+    # Set when the row could not even be read (bad JSON, wrong CSV field count, ...).
+    error_field: str | None = None
+    error: str | None = None
+
+
+def _container_from_name(name: str) -> str | None:
+    lowered = name.lower()
+    if lowered.endswith(".gz"):
+        lowered = lowered[:-3]
+    for suffix, container in (
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".json", "json"),
+        (".csv", "csv"),
+        (".parquet", "parquet"),
+    ):
+        if lowered.endswith(suffix):
+            return container
+    return None
+
+
+def _sniff_text_container(text: str) -> str | None:
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        return "json"
+    if stripped.startswith("{"):
+        return "jsonl"
+    # A CSV has no magic; accept it when its header names columns we know.
+    header = next(csv.reader(io.StringIO(stripped.split("\n", 1)[0])), [])
+    if {column.strip() for column in header} & _ALL_KNOWN_KEYS:
+        return "csv"
+    return None
+
+
+def _decompress(data: bytes) -> bytes:
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DatasetError(
+            "dataset_unreadable",
+            f"The file looks gzip-compressed but could not be decompressed ({exc}). It may be "
+            "truncated or corrupt; compress it again (gzip) or upload it uncompressed.",
+        ) from exc
+
+
+def _decode(data: bytes, compressed: bool) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        where = "of the decompressed content " if compressed else ""
+        bad = data[exc.start]
+        hint = ""
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            hint = " It looks like UTF-16."
+        raise DatasetError(
+            "dataset_encoding",
+            f"The file is not valid UTF-8: byte 0x{bad:02x} at byte offset {exc.start} "
+            f"{where}(line {line}) cannot be decoded.{hint} Save the file as UTF-8 (not Latin-1, "
+            "Windows-1252 or UTF-16) and upload it again.",
+            [RowError(line, "", f"is not valid UTF-8 (byte offset {exc.start})")],
+        ) from exc
+    # Editors on Windows like to prepend a BOM; it is not part of the data.
+    return text.removeprefix(_UTF8_BOM)
+
+
+def _read_jsonl(text: str) -> Iterator[_RawRow]:
+    # split("\n") rather than splitlines(): JSON strings may legally contain U+2028 and friends,
+    # which splitlines() would treat as line breaks and so corrupt both rows and line numbers.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        stripped = raw.strip()
+        if not stripped:
+            continue
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            column = exc.colno + (len(raw) - len(raw.lstrip()))
+            yield _RawRow(number, None, "", f"is not valid JSON: {exc.msg} (col {column})")
+            continue
+        yield _RawRow(number, value)
+
+
+def _read_json(text: str) -> Iterator[_RawRow]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            "dataset_unreadable",
+            f"The file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}. "
+            "Fix the syntax, or if it holds one JSON object per line, name it .jsonl.",
+        ) from exc
+    if not isinstance(value, list):
+        raise DatasetError(
+            "dataset_unreadable",
+            f"A .json dataset must be a top-level JSON array of row objects, got "
+            f"{_type_name(value)}. Put the rows in an array ([{{...}}, {{...}}]) or write one "
+            "object per line as .jsonl.",
+        )
+    for index, item in enumerate(value, start=1):
+        yield _RawRow(index, item)
+
+
+def _read_json_or_jsonl(text: str) -> Iterator[_RawRow]:
+    # Many published datasets are JSON Lines saved as ".json"; accept them instead of failing.
+    if text.lstrip().startswith("{"):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            return _read_jsonl(text)
+    return _read_json(text)
+
+
+def _read_csv(text: str) -> Iterator[_RawRow]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    previous_end = 0
+    for cells in reader:
+        # A quoted cell may span lines, so a record starts right after the previous one ended.
+        start, previous_end = previous_end + 1, reader.line_num
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if header is None:
+            header = [c.strip() for c in cells]
+            _check_csv_header(header)
+            continue
+        if len(cells) != len(header):
+            yield _RawRow(
+                start,
+                None,
+                "",
+                f"has {len(cells)} fields but the header has {len(header)} columns "
+                "(check quoting of commas and line breaks)",
+            )
+            continue
+        yield _csv_row(start, dict(zip(header, cells, strict=True)))
+
+
+def _check_csv_header(header: list[str]) -> None:
+    duplicates = sorted({c for c in header if header.count(c) > 1})
+    if duplicates:
+        raise DatasetError(
+            "dataset_unreadable",
+            f"The CSV header repeats column(s) {', '.join(map(repr, duplicates))}. "
+            "Give every column a unique name.",
+        )
+
+
+def _csv_row(line: int, row: dict[str, Any]) -> _RawRow:
+    for column in _CSV_JSON_COLUMNS & row.keys():
+        try:
+            row[column] = json.loads(row[column])
+        except json.JSONDecodeError as exc:
+            message = f"is not valid JSON: {exc.msg} (col {exc.colno})"
+            return _RawRow(line, None, column, message)
+    return _RawRow(line, row)
+
+
+def _read_parquet(data: bytes) -> Iterator[_RawRow]:
+    # Imported lazily: pyarrow is heavy and most datasets are JSONL.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        # Single-threaded: datasets are small, and Arrow's thread pools have been seen to abort
+        # the interpreter at exit (pyarrow 26) after a threaded read.
+        rows: list[Any] = pq.ParquetFile(io.BytesIO(data)).read(use_threads=False).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DatasetError(
+            "dataset_unreadable",
+            f"The file could not be read as Parquet ({exc}). It may be truncated or not a Parquet "
+            "file; export it again or upload it as JSONL.",
+        ) from exc
+    for index, row in enumerate(rows, start=1):
+        yield _RawRow(index, row)
+
+
+def _read_rows(data: bytes, name: str) -> list[_RawRow]:
+    compressed = data.startswith(_GZIP_MAGIC)
+    # Decide on the magic bytes, not the ".gz" suffix: HTTP clients transparently undo
+    # Content-Encoding: gzip, so a "train.jsonl.gz" can legitimately arrive decompressed.
+    if compressed:
+        data = _decompress(data)
+    container = _container_from_name(name)
+    if container == "parquet" or (container is None and data.startswith(_PARQUET_MAGIC)):
+        return list(_read_parquet(data))
+
+    text = _decode(data, compressed)
+    if not text.strip():
+        return []
+    container = container or _sniff_text_container(text)
+    if container == "jsonl":
+        return list(_read_jsonl(text))
+    if container == "json":
+        return list(_read_json_or_jsonl(text))
+    if container == "csv":
+        return list(_read_csv(text))
+    raise DatasetError(
+        "dataset_unreadable",
+        f"Could not tell what kind of file {name!r} is. Use one of: .jsonl, .ndjson, .json "
+        "(an array of objects), .csv or .parquet, optionally gzip-compressed (.gz).",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def _detect_shape(rows: Sequence[_RawRow]) -> tuple[DatasetFormat, int] | None:
+    for row in rows:
+        if isinstance(row.value, dict):
+            fmt = _shape_of(row.value)
+            if fmt is not None:
+                return fmt, row.line
+    return None
+
+
+def _unknown_format_error(rows: Sequence[_RawRow]) -> DatasetError:
+    first = next((r for r in rows if isinstance(r.value, dict)), None)
+    seen = ""
+    if first is not None:
+        keys = ", ".join(map(repr, list(first.value)[:10])) or "none"
+        seen = f" The first row (line {first.line}) has keys: {keys}."
+    return DatasetError(
+        "dataset_unknown_format",
+        "No row matches a supported dataset shape." + seen + " Every row must use one of these "
+        "shapes (extra keys are ignored): " + _accepted_shapes_text(),
+    )
+
+
+def _readable_object(row: _RawRow, errors: _Errors) -> dict[str, Any] | None:
+    """Return the row as an object, or record why it is not one."""
+    if row.error is not None:
+        errors.add(row.line, row.error_field or "", row.error)
+        return None
+    if not isinstance(row.value, dict):
+        errors.add(row.line, "", f"must be a JSON object, got {_type_name(row.value)}")
+        return None
+    return row.value
+
+
+def _check_row(
+    row: _RawRow, fmt: DatasetFormat, detected_line: int, errors: _Errors
+) -> dict[str, Any] | None:
+    value = _readable_object(row, errors)
+    if value is None:
+        return None
+    if not (_IDENTIFYING_KEYS[fmt] & value.keys()):
+        other = _shape_of(value)
+        if other is not None:
+            errors.add(
+                row.line,
+                "",
+                f"has the {other.value} shape but this dataset is {fmt.value} (detected from "
+                f"line {detected_line}); every row must use the same shape",
+            )
+            return None
+    return _NORMALISERS[fmt](value, row.line, errors)
+
+
+def parse_dataset(path: Path, *, filename: str | None = None) -> ParsedDataset:
+    """Read, validate and normalise a dataset file for TRL's SFTTrainer.
+
+    ``filename`` is the user's original file name, used for suffix detection when ``path`` is a
+    storage name without one. Raises DatasetError describing every problem found.
+    """
+    name = filename or path.name
+    data = path.read_bytes()
+    if not data:
+        raise _empty_error()
+    rows = _read_rows(data, name)
+    if not rows:
+        raise _empty_error()
+
+    detected = _detect_shape(rows)
+    errors = _Errors()
+    if detected is None:
+        # Rows that could not even be read say more than "unknown format" would.
+        for row in rows:
+            _readable_object(row, errors)
+        if errors.count:
+            raise _invalid_error(errors, len(rows), None)
+        raise _unknown_format_error(rows)
+
+    fmt, detected_line = detected
+    records: list[dict[str, Any]] = []
+    lines: list[int] = []
+    for row in rows:
+        record = _check_row(row, fmt, detected_line, errors)
+        if record is not None:
+            records.append(record)
+            lines.append(row.line)
+    if errors.count:
+        raise _invalid_error(errors, len(rows), fmt)
+    return ParsedDataset(format=fmt, records=records, lines=lines)
+
+
+def _empty_error() -> DatasetError:
+    return DatasetError(
+        "dataset_empty",
+        "The dataset has no rows. Upload a file with at least one training example, e.g. "
+        + _SHAPE_EXAMPLES[DatasetFormat.PROMPT_COMPLETION],
+    )
+
+
+def _invalid_error(errors: _Errors, total_rows: int, fmt: DatasetFormat | None) -> DatasetError:
+    affected = len(errors.lines)
+    shape = f" (detected shape: {fmt.value})" if fmt is not None else ""
+    plural = "s" if errors.count != 1 else ""
+    return DatasetError(
+        "dataset_invalid",
+        f"{affected} of {total_rows} rows{shape} have problems ({errors.count} error{plural}). "
+        "Fix or remove these rows and upload the file again.",
+        errors.kept,
+        error_count=errors.count,
+        rows_affected=affected,
+    )

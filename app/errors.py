@@ -1,0 +1,100 @@
+"""Domain errors with their HTTP status and a stable code, rendered in one body shape.
+
+Every error leaves the api as `{"error": {"code", "message", "detail"}}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class TuneserveError(Exception):
+    status_code = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, detail: Any = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        if code is not None:
+            self.code = code
+
+
+class NotFound(TuneserveError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(TuneserveError):
+    status_code = 409
+    code = "conflict"
+
+
+class InvalidRequest(TuneserveError):
+    status_code = 400
+    code = "invalid_request"
+
+
+class PayloadTooLarge(TuneserveError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(TuneserveError):
+    status_code = 503
+    code = "unavailable"
+
+
+def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "detail": detail}}
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    # ("body", "hyperparameters", "n_epochs") -> "hyperparameters.n_epochs"
+    parts = [str(part) for part in loc if part not in ("body", "query", "path")]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TuneserveError)
+    async def _domain(_request: Request, exc: TuneserveError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.code, exc.message, jsonable_encoder(exc.detail)),
+            status_code=exc.status_code,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"field": _location(tuple(err["loc"])), "message": err["msg"], "type": err["type"]}
+            for err in exc.errors()
+        ]
+        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
+        return JSONResponse(
+            error_body("validation_error", f"Invalid request: {summary}", problems),
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            error_body("internal_error", f"Internal error ({type(exc).__name__}); see server logs."),
+            status_code=500,
+        )

@@ -1,0 +1,1 @@
+"""Uploaded files (datasets), stored in the artifact directory."""

@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: submission, lifecycle, progress, events."""

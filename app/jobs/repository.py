@@ -1,0 +1,44 @@
+"""Every SQL query of the jobs domain."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.orm import Session
+
+from app.adapters.models import Adapter
+from app.errors import InvalidRequest, NotFound
+from app.jobs.models import Job, JobMetric, JobStatus
+
+
+def get_job(session: Session, *, owner: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.owner != owner:
+        raise NotFound(f"No job {job_id!r}. GET /jobs lists your jobs.", code="job_not_found")
+    return job
+
+
+def list_jobs(
+    session: Session, *, owner: str, limit: int, after: str | None, status: JobStatus | None
+) -> tuple[list[Job], bool]:
+    """Newest first; `after` is the id of the last job of the previous page."""
+    query = select(Job).where(Job.owner == owner)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if after is not None:
+        cursor = session.get(Job, after)
+        if cursor is None or cursor.owner != owner:
+            raise InvalidRequest(f"after: no job {after!r}", code="invalid_cursor")
+        query = query.where(tuple_(Job.created_at, Job.id) < (cursor.created_at, cursor.id))
+    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return jobs[:limit], len(jobs) > limit
+
+
+def adapters_by_job(session: Session, job_ids: list[str]) -> dict[str, Adapter]:
+    if not job_ids:
+        return {}
+    adapters = session.scalars(select(Adapter).where(Adapter.job_id.in_(job_ids)))
+    return {adapter.job_id: adapter for adapter in adapters if adapter.job_id}
+
+
+def list_metrics(session: Session, job_id: str) -> list[JobMetric]:
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.id)))

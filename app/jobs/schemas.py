@@ -1,0 +1,168 @@
+"""Request and response models of the jobs API."""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from app.jobs.models import JobStatus
+from app.schemas import RequestModel, ResponseModel
+
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,99}$")
+SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+class LrScheduler(enum.StrEnum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+
+
+class Hyperparameters(RequestModel):
+    n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training set.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Examples per device step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Steps accumulated per optimizer update."
+    )
+    max_seq_length: int = Field(
+        1024, ge=16, le=131072, description="Tokens per example after the chat template."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    lr_scheduler: LrScheduler = Field(LrScheduler.LINEAR, description="Learning-rate schedule.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order and LoRA init.")
+
+
+class LoraSpec(RequestModel):
+    r: int = Field(16, ge=1, le=256, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, le=1024, description="LoRA scaling numerator (alpha / r).")
+    dropout: float = Field(0.05, ge=0, le=0.9, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description='"all-linear" or module names such as ["q_proj", "v_proj"].'
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list):
+            if not value or len(value) > 64:
+                raise ValueError("give between 1 and 64 module names, or 'all-linear'")
+            bad = [name for name in value if not MODULE_NAME.match(name)]
+            if bad:
+                raise ValueError(f"not module names: {bad}")
+        return value
+
+
+class CreateJobRequest(RequestModel):
+    base_model: str | None = Field(
+        None, max_length=200, description="A name from GET /models; default model when omitted."
+    )
+    dataset_url: str = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        description="An uploaded file id (file-…), an http(s):// URL, or a file:// path under "
+        "an allowed directory.",
+    )
+    validation_url: str | None = Field(None, min_length=1, max_length=4096)
+    suffix: str | None = Field(
+        None, description="Up to 40 letters, digits, '-' or '_', added to the adapter name."
+    )
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)  # type: ignore[arg-type]
+    lora: LoraSpec = Field(default_factory=LoraSpec)  # type: ignore[arg-type]
+    metadata: dict[str, str] | None = Field(None, description="Up to 16 short key/value pairs.")
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value is not None and not SUFFIX.match(value):
+            raise ValueError("use 1 to 40 letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        if value is None:
+            return value
+        if len(value) > 16:
+            raise ValueError("at most 16 pairs")
+        for key, item in value.items():
+            if not 1 <= len(key) <= 64:
+                raise ValueError(f"key {key[:70]!r}: keys are 1 to 64 characters")
+            if len(item) > 512:
+                raise ValueError(f"value of {key!r}: values are at most 512 characters")
+        return value
+
+
+class Progress(ResponseModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class JobError(ResponseModel):
+    code: str
+    message: str
+    detail: Any = None
+
+
+class AdapterRef(ResponseModel):
+    id: str
+    name: str
+
+
+class JobView(ResponseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: JobStatus
+    base_model: str
+    dataset_url: str
+    validation_url: str | None
+    suffix: str | None
+    hyperparameters: dict[str, Any]
+    lora: dict[str, Any]
+    progress: Progress | None
+    dataset: dict[str, Any] | None = Field(
+        None, description="Facts found while validating: rows, format, tokens, sha256, …"
+    )
+    adapter: AdapterRef | None = None
+    error: JobError | None
+    metadata: dict[str, str] | None
+    attempt: int
+    worker: str | None
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[JobView]
+    has_more: bool
+
+
+class JobEventView(ResponseModel):
+    seq: int
+    type: str
+    level: str
+    message: str
+    data: dict[str, Any] | None
+    created_at: datetime
+
+
+class JobEventList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEventView]
+    has_more: bool

@@ -1,0 +1,41 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app import __doc__ as summary
+from app.adapters.endpoints import router as adapters_router
+from app.base_models.endpoints import router as models_router
+from app.errors import install_error_handlers
+from app.files.endpoints import router as files_router
+from app.inference.endpoints import router as inference_router
+from app.inference.engine import InferenceEngine
+from app.jobs.endpoints import router as jobs_router
+from app.logs import configure_logging
+from app.settings import get_settings
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings = get_settings()
+    settings.ensure_dirs()
+    app.state.engine = InferenceEngine(settings)
+    yield
+
+
+def create_app() -> FastAPI:
+    configure_logging(get_settings().log_level)
+    app = FastAPI(title="tuneserve", description=summary or "", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    for router in (jobs_router, files_router, adapters_router, inference_router, models_router):
+        app.include_router(router)
+
+    @app.get("/healthz", tags=["health"], summary="The process is up")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

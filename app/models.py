@@ -1,0 +1,8 @@
+"""Every SQL table, imported in one place so metadata (and Alembic) sees them all."""
+
+from app.adapters.models import Adapter
+from app.db import Base
+from app.files.models import File
+from app.jobs.models import Job, JobEvent, JobMetric
+
+__all__ = ["Adapter", "Base", "File", "Job", "JobEvent", "JobMetric"]

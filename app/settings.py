@@ -1,0 +1,113 @@
+"""The one place tuneserve reads its configuration from (environment, `TUNESERVE_` prefix)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNESERVE_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path("~/.tuneserve"),
+        description="Holds the SQLite databases, artifacts (datasets, adapters) and model cache.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the SQL store. Default: SQLite file in the data dir.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker URL. Default: SQLAlchemy transport on a SQLite file in the "
+        "data dir. Production: redis://host:6379/0.",
+    )
+    api_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="Where the CLI finds the api.",
+    )
+    default_base_model: str = Field(
+        default=DEFAULT_BASE_MODEL,
+        description="Base model used when a job or generation names none.",
+    )
+    models_file: Path | None = Field(
+        default=None,
+        description="TOML file of operator base models ([models.NAME] with path= or hf_id=).",
+    )
+    allowed_file_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Directories a file:// dataset URL may point into (JSON list).",
+    )
+    max_dataset_bytes: int = Field(
+        default=512 * 1024 * 1024, gt=0, description="Largest dataset file fetched or uploaded."
+    )
+    fetch_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="Timeout for fetching a dataset URL."
+    )
+    progress_interval_seconds: float = Field(
+        default=2.0, gt=0, description="How often a training job writes progress to SQL."
+    )
+    heartbeat_interval_seconds: float = Field(
+        default=5.0, gt=0, description="How often a worker beats a running job's heartbeat."
+    )
+    stale_job_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A claimed job whose heartbeat is older than this has lost its worker.",
+    )
+    requeue_queued_after_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="A queued job unclaimed this long is enqueued again (lost broker message).",
+    )
+    max_attempts: int = Field(
+        default=3, ge=1, description="A job whose worker died this many times fails."
+    )
+    reaper_interval_seconds: float = Field(
+        default=30.0, gt=0, description="How often the scheduler looks for lost jobs."
+    )
+    adapter_cache_size: int = Field(
+        default=8, ge=1, description="Adapters kept loaded per base model in the api."
+    )
+    max_new_tokens_limit: int = Field(
+        default=1024, ge=1, description="Largest max_new_tokens a generation may ask for."
+    )
+    worker_queues: list[str] = Field(
+        default_factory=lambda: ["training"], description="Celery queues a worker consumes."
+    )
+    log_level: str = Field(default="INFO", description="Log level of every process.")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tuneserve.sqlite'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def ensure_dirs(self) -> None:
+        for directory in (self.data_dir, self.artifacts_dir, self.model_cache_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,46 @@
+"""The Celery app. The broker only carries "run job X" messages; SQL holds all job state."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from app.settings import get_settings
+
+RUN_JOB_TASK = "tuneserve.run_job"
+TRAINING_QUEUE = "training"
+
+
+def transport_options(broker_url: str) -> dict[str, object]:
+    if broker_url.startswith(("redis://", "rediss://")):
+        # Redis redelivers an unacknowledged message after the visibility timeout: make it
+        # longer than any job so a running job is not delivered twice.
+        return {"visibility_timeout": 7 * 24 * 3600}
+    # The SQLAlchemy transport hands its options to create_engine; wait on a locked SQLite file
+    # rather than failing.
+    return {"connect_args": {"timeout": 30}} if broker_url.startswith("sqla+sqlite") else {}
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    settings.ensure_dirs()
+    app = Celery("tuneserve", broker=settings.celery_broker_url, include=["worker.tasks"])
+    app.conf.update(
+        # A job is acknowledged only after it ran, and handed back if its worker process dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_default_queue=TRAINING_QUEUE,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport_options(settings.celery_broker_url),
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+    )
+    return app
+
+
+celery_app = make_celery()
+
+
+def enqueue_job(job_id: str) -> None:
+    celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=TRAINING_QUEUE)

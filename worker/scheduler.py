@@ -1,0 +1,82 @@
+"""Periodic upkeep: find jobs whose worker died or whose queue message was lost.
+
+It runs as its own small process (`tuneserve scheduler`), reading SQL directly, rather than as a
+Celery beat task: a beat task needs a free worker, and with one worker per GPU busy training for
+hours, the upkeep would wait on the very worker whose death it has to notice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import or_, select, update
+
+from app.db import unit_of_work, utcnow
+from app.jobs.models import ACTIVE_STATUSES, Job, JobStatus
+from app.jobs.transitions import transition
+from app.settings import Settings, get_settings
+from worker.celery_app import enqueue_job
+
+logger = logging.getLogger(__name__)
+
+
+def reap_lost_jobs(settings: Settings) -> dict[str, list[str]]:
+    """One pass. Returns the ids it re-queued, failed, cancelled and re-sent."""
+    now = utcnow()
+    stale_before = now - timedelta(seconds=settings.stale_job_seconds)
+    outcome: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "resent": []}
+    with unit_of_work() as session:
+        stale = session.scalars(
+            select(Job).where(
+                Job.status.in_(ACTIVE_STATUSES),
+                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before),
+            )
+        ).all()
+        for job in stale:
+            silent = f"Worker {job.worker} stopped beating (last heartbeat {job.heartbeat_at})."
+            if job.cancel_requested_at is not None:
+                if transition(session, job.id, JobStatus.CANCELLED, f"{silent} Cancelled as requested."):
+                    outcome["cancelled"].append(job.id)
+            elif job.attempt >= settings.max_attempts:
+                message = (
+                    f"{silent} The job's worker died {job.attempt} times (TUNESERVE_MAX_ATTEMPTS="
+                    f"{settings.max_attempts}); it is not retried again. Check the worker logs "
+                    "(out of host memory?) and submit it again, perhaps with a smaller batch_size."
+                )
+                if transition(
+                    session, job.id, JobStatus.FAILED, message, level="error",
+                    values={"error": {"code": "worker_lost", "message": message, "detail": None}},
+                ):
+                    outcome["failed"].append(job.id)
+            elif transition(
+                session, job.id, JobStatus.QUEUED, f"{silent} Queued again for another attempt.",
+                level="warning", values={"worker": None, "enqueued_at": now},
+            ):
+                outcome["requeued"].append(job.id)
+        resend_before = now - timedelta(seconds=settings.requeue_queued_after_seconds)
+        lost = session.scalars(
+            select(Job.id).where(Job.status == JobStatus.QUEUED, Job.enqueued_at < resend_before)
+        ).all()
+        if lost:
+            session.execute(update(Job).where(Job.id.in_(lost)).values(enqueued_at=now))
+            outcome["resent"].extend(lost)
+    # Messages go out after the commit; a duplicate is harmless, the claim takes one.
+    for job_id in outcome["requeued"] + outcome["resent"]:
+        enqueue_job(job_id)
+    return outcome
+
+
+def run_scheduler(stop: threading.Event | None = None) -> None:
+    settings = get_settings()
+    stop = stop or threading.Event()
+    logger.info("scheduler: checking for lost jobs every %.0f s", settings.reaper_interval_seconds)
+    while not stop.is_set():
+        try:
+            outcome = reap_lost_jobs(settings)
+            if any(outcome.values()):
+                logger.info("scheduler: %s", outcome)
+        except Exception:
+            logger.exception("scheduler pass failed; trying again next interval")
+        stop.wait(settings.reaper_interval_seconds)

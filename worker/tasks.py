@@ -1,0 +1,16 @@
+"""Celery tasks. They take ids, reload their rows, and leave all state in SQL."""
+
+from __future__ import annotations
+
+import logging
+
+from worker.celery_app import RUN_JOB_TASK, celery_app
+
+logger = logging.getLogger(__name__)
+
+
+@celery_app.task(name=RUN_JOB_TASK)  # type: ignore[untyped-decorator]
+def run_job(job_id: str) -> None:
+    from worker.runner import run_job as run
+
+    run(job_id)

@@ -1,0 +1,203 @@
+"""The LoRA training pipeline: a plain function of (spec, records, output dir).
+
+It knows nothing of SQL or Celery; the job runner (worker/runner.py) wraps it. It reads top to
+bottom: load model -> build datasets -> trainer -> train -> save.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    model_location: str
+    hyperparameters: dict[str, Any]
+    lora: dict[str, Any]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float | None
+    learning_rate: float | None
+    tokens_per_second: float | None
+    eta_seconds: float | None
+    eval_loss: float | None = None
+
+
+@dataclass
+class TrainingHooks:
+    """How the pipeline reports to its caller and learns that it should stop."""
+
+    on_progress: Callable[[ProgressUpdate], None] = lambda _update: None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    steps: int
+    total_steps: int
+    stopped_early: bool
+    train_loss: float | None
+    eval_loss: float | None
+    trained_tokens: int
+    seconds: float
+
+
+def _make_callback(hooks: TrainingHooks) -> Any:
+    from transformers import TrainerCallback
+
+    class ReportingCallback(TrainerCallback):  # type: ignore[misc]
+        """Turns trainer logs into ProgressUpdates and asks the trainer to stop on cancel."""
+
+        def __init__(self) -> None:
+            self.started = time.monotonic()
+            self.last_loss: float | None = None
+            self.last_eval: float | None = None
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            if hooks.should_stop():
+                control.should_training_stop = True
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+            logs = logs or {}
+            if "loss" in logs:
+                self.last_loss = float(logs["loss"])
+            if "eval_loss" in logs:
+                self.last_eval = float(logs["eval_loss"])
+            elapsed = max(time.monotonic() - self.started, 1e-9)
+            step, total = state.global_step, max(state.max_steps, 1)
+            tokens = getattr(state, "num_input_tokens_seen", 0) or 0
+            eta = (total - step) * elapsed / step if step else None
+            hooks.on_progress(
+                ProgressUpdate(
+                    step=step,
+                    total_steps=total,
+                    epoch=float(state.epoch or 0.0),
+                    train_loss=self.last_loss if "loss" in logs else None,
+                    learning_rate=float(logs["learning_rate"]) if "learning_rate" in logs else None,
+                    tokens_per_second=tokens / elapsed if tokens else None,
+                    eta_seconds=eta,
+                    eval_loss=float(logs["eval_loss"]) if "eval_loss" in logs else None,
+                )
+            )
+
+    return ReportingCallback()
+
+
+def total_steps(rows: int, hyperparameters: dict[str, Any]) -> int:
+    """The optimizer steps the Trainer will take (it rounds batches, then accumulation, up)."""
+    batches = math.ceil(rows / hyperparameters["batch_size"])
+    return math.ceil(batches / hyperparameters["gradient_accumulation_steps"]) * hyperparameters[
+        "n_epochs"
+    ]
+
+
+def train_lora(
+    spec: TrainingSpec,
+    train_records: list[dict[str, Any]],
+    eval_records: list[dict[str, Any]] | None,
+    output_dir: Path,
+    hooks: TrainingHooks | None = None,
+) -> TrainingResult:
+    """Train a LoRA adapter and save it (PEFT format) into output_dir/adapter."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    hooks = hooks or TrainingHooks()
+    hp = spec.hyperparameters
+    started = time.monotonic()
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.model_location, trust_remote_code=False, **spec.model_kwargs
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        spec.model_location,
+        dtype=torch.float32,
+        trust_remote_code=False,
+        use_safetensors=True,
+        **spec.model_kwargs,
+    )
+
+    train_dataset = Dataset.from_list(train_records)
+    eval_dataset = Dataset.from_list(eval_records) if eval_records else None
+
+    config = SFTConfig(
+        output_dir=str(output_dir / "trainer"),
+        num_train_epochs=hp["n_epochs"],
+        learning_rate=hp["learning_rate"],
+        per_device_train_batch_size=hp["batch_size"],
+        per_device_eval_batch_size=hp["batch_size"],
+        gradient_accumulation_steps=hp["gradient_accumulation_steps"],
+        max_length=hp["max_seq_length"],
+        warmup_steps=hp["warmup_ratio"],
+        lr_scheduler_type=hp["lr_scheduler"],
+        weight_decay=hp["weight_decay"],
+        seed=hp["seed"],
+        data_seed=hp["seed"],
+        bf16=spec.bf16,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=1,
+        eval_strategy="epoch" if eval_dataset is not None else "no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        packing=False,
+        dataset_num_proc=None,
+    )
+    lora_config = LoraConfig(
+        r=spec.lora["r"],
+        lora_alpha=spec.lora["alpha"],
+        lora_dropout=spec.lora["dropout"],
+        target_modules=spec.lora["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=[_make_callback(hooks)],
+    )
+    output = trainer.train()
+    state = trainer.state
+    stopped_early = state.global_step < state.max_steps
+
+    eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
+    eval_loss = float(eval_losses[-1]) if eval_losses else None
+    if not stopped_early:
+        adapter_dir = output_dir / "adapter"
+        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter_dir))
+    return TrainingResult(
+        steps=state.global_step,
+        total_steps=state.max_steps,
+        stopped_early=stopped_early,
+        train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        eval_loss=eval_loss,
+        trained_tokens=int(getattr(state, "num_input_tokens_seen", 0) or 0),
+        seconds=time.monotonic() - started,
+    )
