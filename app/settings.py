@@ -27,6 +27,10 @@ class Settings(BaseSettings):
         description="Celery broker URL. Default: SQLAlchemy transport on a SQLite file in the "
         "data dir. Production: redis://host:6379/0.",
     )
+    model_cache_dir: Path | None = Field(
+        default=None,
+        description="Where converted and downloaded base models live. Default: DATA_DIR/models.",
+    )
     api_url: str = Field(
         default="http://127.0.0.1:8000",
         description="Where the CLI finds the api.",
@@ -100,11 +104,11 @@ class Settings(BaseSettings):
         return self.data_dir / "artifacts"
 
     @property
-    def model_cache_dir(self) -> Path:
-        return self.data_dir / "models"
+    def model_cache_path(self) -> Path:
+        return (self.model_cache_dir or self.data_dir / "models").expanduser()
 
     def ensure_dirs(self) -> None:
-        for directory in (self.data_dir, self.artifacts_dir, self.model_cache_dir):
+        for directory in (self.data_dir, self.artifacts_dir, self.model_cache_path):
             directory.mkdir(parents=True, exist_ok=True)
 
 

@@ -81,7 +81,7 @@ def model_location(settings: Settings, model: BaseModel) -> str:
     target = converted_dir(settings, model)
     if target.is_dir():
         return str(target)
-    with _file_lock(settings.model_cache_dir / f".{model.name}.lock"):
+    with _file_lock(settings.model_cache_path / f".{model.name}.lock"):
         if not target.is_dir():
             gguf = package_gguf_path()
             if gguf is None:
@@ -96,7 +96,7 @@ def model_location(settings: Settings, model: BaseModel) -> str:
 def hub_kwargs(settings: Settings, model: BaseModel) -> dict[str, Any]:
     if model.source is not ModelSource.HUGGING_FACE:
         return {}
-    return {"revision": model.revision, "cache_dir": str(settings.model_cache_dir / "hub")}
+    return {"revision": model.revision, "cache_dir": str(settings.model_cache_path / "hub")}
 
 
 def load_tokenizer(settings: Settings, model: BaseModel) -> PreTrainedTokenizerBase:

@@ -120,7 +120,7 @@ def package_gguf_path() -> Path | None:
 
 
 def converted_dir(settings: Settings, model: BaseModel) -> Path:
-    return settings.model_cache_dir / model.name
+    return settings.model_cache_path / model.name
 
 
 def is_available(settings: Settings, model: BaseModel) -> bool:
