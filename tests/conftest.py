@@ -2,4 +2,4 @@
 
 import tests.fixtures.env  # noqa: F401  (sets TUNESERVE_* before tuneserve is imported)
 
-pytest_plugins = ["tests.fixtures.models", "tests.fixtures.service"]
+pytest_plugins = ["tests.fixtures.database", "tests.fixtures.models", "tests.fixtures.service"]
