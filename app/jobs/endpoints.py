@@ -10,7 +10,15 @@ from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.jobs import repository, service
 from app.jobs.events import list_events
 from app.jobs.models import JobStatus
-from app.jobs.schemas import CreateJobRequest, JobEventList, JobEventView, JobList, JobView
+from app.jobs.schemas import (
+    CreateJobRequest,
+    JobEventList,
+    JobEventView,
+    JobList,
+    JobView,
+    MetricList,
+    MetricPoint,
+)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -63,3 +71,10 @@ def job_events(
         data=[JobEventView.model_validate(event) for event in events[:limit]],
         has_more=len(events) > limit,
     )
+
+
+@router.get("/{job_id}/metrics", response_model=MetricList, summary="A job's loss curve")
+def job_metrics(job_id: str, session: SessionDep, owner: CurrentOwner) -> MetricList:
+    repository.get_job(session, owner=owner, job_id=job_id)
+    points = repository.list_metrics(session, job_id)
+    return MetricList(data=[MetricPoint.model_validate(point) for point in points])

@@ -166,3 +166,18 @@ class JobEventList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[JobEventView]
     has_more: bool
+
+
+class MetricPoint(ResponseModel):
+    step: int
+    epoch: float | None
+    train_loss: float | None
+    eval_loss: float | None
+    lr: float | None
+    tokens_per_second: float | None
+    created_at: datetime
+
+
+class MetricList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[MetricPoint]

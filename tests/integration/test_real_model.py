@@ -1,0 +1,62 @@
+"""The real default base model learns a narrow skill through the service (a few minutes on CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.corpus import jsonl, person_rows
+from tests.fixtures.service import Service
+
+pytestmark = pytest.mark.real_model
+
+HELD_OUT = [
+    "Hana is 29 years old and lives in Bergen.",
+    "At 61, Omar moved to Pune for work.",
+    "Clara (45) teaches music in Accra.",
+    "Living in Graz, Ravi turned 33 last spring.",
+]
+
+
+def is_person_json(text: str) -> bool:
+    try:
+        value = json.loads(text.strip())
+    except ValueError:
+        return False
+    return isinstance(value, dict) and set(value) == {"name", "age", "city"}
+
+
+def answers(service: Service, adapter: str | None) -> list[str]:
+    texts = []
+    for sentence in HELD_OUT:
+        response = service.client.post(
+            "/generate",
+            json={"adapter": adapter, "messages": [{"role": "user", "content": sentence}],
+                  "max_new_tokens": 40},
+        )
+        assert response.status_code == 200, response.text
+        texts.append(response.json()["text"])
+    return texts
+
+
+def test_default_model_learns_the_trained_format(service: Service) -> None:
+    base_answers = answers(service, None)
+    assert not any(is_person_json(text) for text in base_answers), base_answers
+
+    file_id = service.upload("people.jsonl", jsonl(person_rows(48, seed=1)))
+    created = service.create_job(
+        dataset_url=file_id, hyperparameters={"n_epochs": 2, "learning_rate": 1e-3}
+    )
+    assert created["base_model"] == "smollm2-135m-instruct"
+    job = service.wait_for(created["id"], timeout=900)
+    assert job["status"] == "succeeded", job["error"]
+
+    curve = service.client.get(f"/jobs/{job['id']}/metrics").json()["data"]
+    losses = [point["train_loss"] for point in curve if point["train_loss"] is not None]
+    assert len(losses) == job["progress"]["total_steps"] == 12
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+
+    tuned_answers = answers(service, job["id"])
+    hits = [is_person_json(text) for text in tuned_answers]
+    assert sum(hits) >= 3, tuned_answers
