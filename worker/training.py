@@ -66,7 +66,10 @@ def _make_callback(hooks: TrainingHooks) -> Any:
         def __init__(self) -> None:
             self.started = time.monotonic()
             self.last_loss: float | None = None
-            self.last_eval: float | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            # Time from the first step on: model loading and tokenizing are not training speed.
+            self.started = time.monotonic()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
             if hooks.should_stop():
@@ -76,8 +79,6 @@ def _make_callback(hooks: TrainingHooks) -> Any:
             logs = logs or {}
             if "loss" in logs:
                 self.last_loss = float(logs["loss"])
-            if "eval_loss" in logs:
-                self.last_eval = float(logs["eval_loss"])
             elapsed = max(time.monotonic() - self.started, 1e-9)
             step, total = state.global_step, max(state.max_steps, 1)
             tokens = getattr(state, "num_input_tokens_seen", 0) or 0
