@@ -6,6 +6,7 @@ Every error leaves the api as `{"error": {"code", "message", "detail"}}`.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -64,6 +65,15 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _methods_of(app: FastAPI, path: str) -> list[str]:
+    """Every method some route accepts on this path (Starlette's Allow names one route's)."""
+    methods: set[str] = set()
+    for template, operations in app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", template), path):
+            methods.update(method.upper() for method in operations)
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneserveError)
     async def _domain(_request: Request, exc: TuneserveError) -> JSONResponse:
@@ -74,6 +84,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        broken_json = [err for err in exc.errors() if err["type"] == "json_invalid"]
+        if broken_json:
+            position = broken_json[0]["loc"][-1]
+            reason = broken_json[0].get("ctx", {}).get("error", "")
+            return JSONResponse(
+                error_body(
+                    "invalid_json",
+                    f"The request body is not valid JSON (at character {position}: {reason}). "
+                    "Send a JSON object with Content-Type: application/json.",
+                    {"position": position},
+                ),
+                status_code=400,
+            )
         problems = [
             {"field": _location(tuple(err["loc"])), "message": err["msg"], "type": err["type"]}
             for err in exc.errors()
@@ -85,16 +108,25 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        where = f"{request.method} {request.url.path}"
+        if exc.status_code == 404:
+            code, message = "not_found", f"No such endpoint: {where}. /docs lists them."
+        elif exc.status_code == 405:
+            allowed = ", ".join(_methods_of(request.app, request.url.path))
+            code, message = "method_not_allowed", f"{where} is not allowed; use {allowed}."
+        else:
+            code, message = "http_error", f"{where}: {exc.detail}"
         return JSONResponse(
-            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+            error_body(code, message), status_code=exc.status_code, headers=exc.headers
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(
-            error_body("internal_error", f"Internal error ({type(exc).__name__}); see server logs."),
+            error_body(
+                "internal_error", f"Internal error ({type(exc).__name__}); see server logs."
+            ),
             status_code=500,
         )

@@ -42,14 +42,21 @@ def main() -> None:
 
     train = person_rows(args.rows, seed=7)
     seen = {row["messages"][0]["content"] for row in train}
-    held_out = [row for row in person_rows(args.held_out * 4, seed=99) if row["messages"][0]["content"] not in seen]
+    held_out = [
+        row
+        for row in person_rows(args.held_out * 4, seed=99)
+        if row["messages"][0]["content"] not in seen
+    ]
     held_out = held_out[: args.held_out]
 
     uploaded = client.post("/files", files={"file": ("people.jsonl", jsonl(train))}).json()
     print(f"POST /files -> {uploaded['id']} ({uploaded['bytes']} bytes, {args.rows} rows)")
     job = client.post(
         "/jobs",
-        json={"dataset_url": uploaded["id"], "hyperparameters": {"n_epochs": 2, "learning_rate": 1e-3}},
+        json={
+            "dataset_url": uploaded["id"],
+            "hyperparameters": {"n_epochs": 2, "learning_rate": 1e-3},
+        },
     ).json()
     print(f"POST /jobs -> {job['id']} {job['status']}")
     started = time.monotonic()
@@ -57,9 +64,13 @@ def main() -> None:
         time.sleep(10)
         job = client.get(f"/jobs/{job['id']}").json()
         progress = job.get("progress") or {}
-        print(f"  {time.monotonic() - started:6.0f}s {job['status']:<10} step {progress.get('step')}/"
-              f"{progress.get('total_steps')} loss {progress.get('train_loss')} eta {progress.get('eta_seconds')}")
-    print(f"job {job['id']}: {job['status']} in {time.monotonic() - started:.0f} s; dataset {job['dataset']}")
+        print(
+            f"  {time.monotonic() - started:6.0f}s {job['status']:<10} "
+            f"step {progress.get('step')}/{progress.get('total_steps')} "
+            f"loss {progress.get('train_loss')} eta {progress.get('eta_seconds')}"
+        )
+    elapsed = time.monotonic() - started
+    print(f"job {job['id']}: {job['status']} in {elapsed:.0f} s; dataset {job['dataset']}")
     if job["status"] != "succeeded":
         print(job["error"])
         sys.exit(1)
@@ -71,13 +82,19 @@ def main() -> None:
             expected = json.loads(row["messages"][1]["content"])
             answer = client.post(
                 "/generate",
-                json={"adapter": adapter, "messages": [{"role": "user", "content": prompt}], "max_new_tokens": 48},
+                json={
+                    "adapter": adapter,
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_new_tokens": 48,
+                },
             ).json()["text"]
             in_format, right = exact_format(answer, expected)
             shaped += in_format
             correct += right
-        print(f"{label}: {shaped}/{len(held_out)} answers in the trained format, "
-              f"{correct}/{len(held_out)} also with the right values; last: {answer!r}")
+        print(
+            f"{label}: {shaped}/{len(held_out)} answers in the trained format, "
+            f"{correct}/{len(held_out)} also with the right values; last: {answer!r}"
+        )
 
 
 if __name__ == "__main__":

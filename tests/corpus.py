@@ -6,8 +6,28 @@ import json
 import random
 from typing import Any
 
-NAMES = ["Maria", "Kofi", "Ines", "Tomas", "Aiko", "Lena", "Omar", "Priya", "Jonas", "Zara",
-         "Mateo", "Hana", "Ravi", "Elif", "Noah", "Sofia", "Yusuf", "Mila", "Arjun", "Clara"]
+NAMES = [
+    "Maria",
+    "Kofi",
+    "Ines",
+    "Tomas",
+    "Aiko",
+    "Lena",
+    "Omar",
+    "Priya",
+    "Jonas",
+    "Zara",
+    "Mateo",
+    "Hana",
+    "Ravi",
+    "Elif",
+    "Noah",
+    "Sofia",
+    "Yusuf",
+    "Mila",
+    "Arjun",
+    "Clara",
+]
 CITIES = ["Lyon", "Accra", "Porto", "Brno", "Osaka", "Graz", "Cairo", "Pune", "Bergen", "Tunis"]
 TEMPLATES = [
     "{name} is {age} years old and lives in {city}.",
@@ -27,15 +47,24 @@ def person_rows(count: int, seed: int = 0) -> list[dict[str, Any]]:
         sentence = rng.choice(TEMPLATES).format(name=name, age=age, city=city)
         answer = json.dumps({"name": name, "age": age, "city": city})
         rows.append(
-            {"messages": [{"role": "user", "content": sentence}, {"role": "assistant", "content": answer}]}
+            {
+                "messages": [
+                    {"role": "user", "content": sentence},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
         )
     return rows
 
 
 def arithmetic_rows(count: int) -> list[dict[str, Any]]:
     return [
-        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                      {"role": "assistant", "content": f"ANSWER: {2 * i}"}]}
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"ANSWER: {2 * i}"},
+            ]
+        }
         for i in range(count)
     ]
 

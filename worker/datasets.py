@@ -53,7 +53,9 @@ class PreparedDatasets:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def _bring_here(job: Job, url: str, settings: Settings, dest: Path, field_name: str) -> FetchedDataset:
+def _bring_here(
+    job: Job, url: str, settings: Settings, dest: Path, field_name: str
+) -> FetchedDataset:
     if url.startswith("file-"):
         try:
             with unit_of_work() as session:
@@ -61,7 +63,11 @@ def _bring_here(job: Job, url: str, settings: Settings, dest: Path, field_name: 
         except NotFound as exc:
             raise JobFailure("dataset_not_found", f"{field_name}: {exc.message}") from exc
         return FetchedDataset(
-            path=Path(file.path), filename=file.filename, bytes=file.bytes, sha256=file.sha256, etag=None
+            path=Path(file.path),
+            filename=file.filename,
+            bytes=file.bytes,
+            sha256=file.sha256,
+            etag=None,
         )
     try:
         return fetch_dataset(
@@ -107,12 +113,22 @@ def _token_counts(parsed: ParsedDataset, tokenizer: Any) -> list[int]:
 
 
 def _check_lengths(
-    parsed: ParsedDataset, counts: list[int], max_seq_length: int, fetched: FetchedDataset, field_name: str
+    parsed: ParsedDataset,
+    counts: list[int],
+    max_seq_length: int,
+    fetched: FetchedDataset,
+    field_name: str,
 ) -> None:
-    too_long = [(line, count) for line, count in zip(parsed.lines, counts, strict=True) if count > max_seq_length]
+    too_long = [
+        (line, count)
+        for line, count in zip(parsed.lines, counts, strict=True)
+        if count > max_seq_length
+    ]
     if not too_long:
         return
-    listed = ", ".join(f"line {line} ({count} tokens)" for line, count in too_long[:MAX_LISTED_ROWS])
+    listed = ", ".join(
+        f"line {line} ({count} tokens)" for line, count in too_long[:MAX_LISTED_ROWS]
+    )
     longest = max(count for _, count in too_long)
     raise JobFailure(
         "rows_too_long",
@@ -128,16 +144,22 @@ def _check_lengths(
     )
 
 
-def prepare_datasets(job: Job, settings: Settings, model_location: str, workdir: Path) -> PreparedDatasets:
+def prepare_datasets(
+    job: Job, settings: Settings, model_location: str, workdir: Path
+) -> PreparedDatasets:
     from transformers import AutoTokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
     base_model = get_base_model(settings, job.base_model)
     model_kwargs = hub_kwargs(settings, base_model)
-    tokenizer = AutoTokenizer.from_pretrained(model_location, trust_remote_code=False, **model_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_location, trust_remote_code=False, **model_kwargs
+    )
     max_seq_length = int(job.hyperparameters["max_seq_length"])
 
-    def load(url: str, name: str, field_name: str) -> tuple[FetchedDataset, ParsedDataset, list[int]]:
+    def load(
+        url: str, name: str, field_name: str
+    ) -> tuple[FetchedDataset, ParsedDataset, list[int]]:
         fetched = _bring_here(job, url, settings, workdir / name, field_name)
         parsed = _parse(fetched, field_name)
         counts = _token_counts(parsed, tokenizer)
@@ -157,7 +179,9 @@ def prepare_datasets(job: Job, settings: Settings, model_location: str, workdir:
     }
     eval_records = None
     if job.validation_url:
-        v_fetched, v_parsed, v_counts = load(job.validation_url, "validation-dataset", "validation_url")
+        v_fetched, v_parsed, v_counts = load(
+            job.validation_url, "validation-dataset", "validation_url"
+        )
         eval_records = v_parsed.records
         facts["validation"] = {
             "rows": v_parsed.rows,

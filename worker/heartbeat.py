@@ -58,9 +58,7 @@ class Heartbeat:
                     .values(heartbeat_at=utcnow())
                 )
             row = session.execute(
-                select(Job.status, Job.worker, Job.cancel_requested_at).where(
-                    Job.id == self.job_id
-                )
+                select(Job.status, Job.worker, Job.cancel_requested_at).where(Job.id == self.job_id)
             ).one_or_none()
         if row is None:
             self._stop("claim_lost")

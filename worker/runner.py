@@ -103,7 +103,9 @@ class ProgressWriter:
             "total_steps": update_.total_steps,
             "epoch": round(update_.epoch, 4),
             "tokens_per_second": update_.tokens_per_second,
-            "eta_seconds": round(update_.eta_seconds, 1) if update_.eta_seconds is not None else None,
+            "eta_seconds": round(update_.eta_seconds, 1)
+            if update_.eta_seconds is not None
+            else None,
         }
         for key, value in (
             ("train_loss", update_.train_loss),
@@ -243,8 +245,12 @@ def _run_claimed(context: JobContext) -> None:
 
     adapter = _register_adapter(context, result.train_loss, result.eval_loss)
     with unit_of_work() as session:
-        final = {**writer.progress, "step": result.steps, "total_steps": result.total_steps,
-                 "eta_seconds": 0.0}
+        final = {
+            **writer.progress,
+            "step": result.steps,
+            "total_steps": result.total_steps,
+            "eta_seconds": 0.0,
+        }
         if result.train_loss is not None:
             final["train_loss"] = result.train_loss
         if result.eval_loss is not None:
@@ -272,7 +278,9 @@ def _run_claimed(context: JobContext) -> None:
             raise JobStopped("claim_lost")
 
 
-def _register_adapter(context: JobContext, train_loss: float | None, eval_loss: float | None) -> Adapter:
+def _register_adapter(
+    context: JobContext, train_loss: float | None, eval_loss: float | None
+) -> Adapter:
     del train_loss, eval_loss  # kept in the job's metrics; the adapter row holds its files
     job, settings = context.job, context.settings
     adapter_id = new_id("adapter")
@@ -298,7 +306,9 @@ def _register_adapter(context: JobContext, train_loss: float | None, eval_loss: 
 
 def _finish_stopped(job_id: str, reason: str) -> None:
     if reason == "claim_lost":
-        logger.warning("job %s: this worker lost its claim; leaving the job to its new attempt", job_id)
+        logger.warning(
+            "job %s: this worker lost its claim; leaving the job to its new attempt", job_id
+        )
         return
     with unit_of_work() as session:
         transition(session, job_id, JobStatus.CANCELLED, "Cancelled by request; training stopped.")

@@ -37,7 +37,9 @@ def reap_lost_jobs(settings: Settings) -> dict[str, list[str]]:
         for job in stale:
             silent = f"Worker {job.worker} stopped beating (last heartbeat {job.heartbeat_at})."
             if job.cancel_requested_at is not None:
-                if transition(session, job.id, JobStatus.CANCELLED, f"{silent} Cancelled as requested."):
+                if transition(
+                    session, job.id, JobStatus.CANCELLED, f"{silent} Cancelled as requested."
+                ):
                     outcome["cancelled"].append(job.id)
             elif job.attempt >= settings.max_attempts:
                 message = (
@@ -46,13 +48,21 @@ def reap_lost_jobs(settings: Settings) -> dict[str, list[str]]:
                     "(out of host memory?) and submit it again, perhaps with a smaller batch_size."
                 )
                 if transition(
-                    session, job.id, JobStatus.FAILED, message, level="error",
+                    session,
+                    job.id,
+                    JobStatus.FAILED,
+                    message,
+                    level="error",
                     values={"error": {"code": "worker_lost", "message": message, "detail": None}},
                 ):
                     outcome["failed"].append(job.id)
             elif transition(
-                session, job.id, JobStatus.QUEUED, f"{silent} Queued again for another attempt.",
-                level="warning", values={"worker": None, "enqueued_at": now},
+                session,
+                job.id,
+                JobStatus.QUEUED,
+                f"{silent} Queued again for another attempt.",
+                level="warning",
+                values={"worker": None, "enqueued_at": now},
             ):
                 outcome["requeued"].append(job.id)
         resend_before = now - timedelta(seconds=settings.requeue_queued_after_seconds)

@@ -67,15 +67,15 @@ def _make_callback(hooks: TrainingHooks) -> Any:
             self.started = time.monotonic()
             self.last_loss: float | None = None
 
-        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
             # Time from the first step on: model loading and tokenizing are not training speed.
             self.started = time.monotonic()
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
             if hooks.should_stop():
                 control.should_training_stop = True
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:  # noqa: ARG002
             logs = logs or {}
             if "loss" in logs:
                 self.last_loss = float(logs["loss"])
@@ -102,9 +102,10 @@ def _make_callback(hooks: TrainingHooks) -> Any:
 def total_steps(rows: int, hyperparameters: dict[str, Any]) -> int:
     """The optimizer steps the Trainer will take (it rounds batches, then accumulation, up)."""
     batches = math.ceil(rows / hyperparameters["batch_size"])
-    return math.ceil(batches / hyperparameters["gradient_accumulation_steps"]) * hyperparameters[
-        "n_epochs"
-    ]
+    return (
+        math.ceil(batches / hyperparameters["gradient_accumulation_steps"])
+        * hyperparameters["n_epochs"]
+    )
 
 
 def train_lora(

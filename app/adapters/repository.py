@@ -13,7 +13,9 @@ from app.jobs.models import Job
 def get_adapter(session: Session, *, owner: str, adapter_id: str) -> Adapter:
     adapter = session.get(Adapter, adapter_id)
     if adapter is None or adapter.owner != owner:
-        raise NotFound(f"No adapter {adapter_id!r}. GET /adapters lists yours.", code="adapter_not_found")
+        raise NotFound(
+            f"No adapter {adapter_id!r}. GET /adapters lists yours.", code="adapter_not_found"
+        )
     return adapter
 
 
@@ -32,7 +34,9 @@ def resolve_adapter(session: Session, *, owner: str, reference: str) -> Adapter:
             )
         return adapter
     if reference.startswith("ft:"):
-        adapter = session.scalar(select(Adapter).where(Adapter.name == reference, Adapter.owner == owner))
+        adapter = session.scalar(
+            select(Adapter).where(Adapter.name == reference, Adapter.owner == owner)
+        )
         if adapter is None:
             raise NotFound(f"No adapter named {reference!r}.", code="adapter_not_found")
         return adapter

@@ -99,7 +99,7 @@ def list_base_models(settings: Settings) -> list[BaseModel]:
 
 
 def get_base_model(settings: Settings, name: str | None) -> BaseModel:
-    wanted = name or settings.default_base_model
+    wanted = name if name is not None else settings.default_base_model
     for model in list_base_models(settings):
         if model.name == wanted:
             return model

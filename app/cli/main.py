@@ -82,7 +82,9 @@ def api(
 
 @app.command()
 def worker(
-    queues: Annotated[str | None, typer.Option(help="Comma-separated queues (TUNESERVE_WORKER_QUEUES).")] = None,
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated queues (TUNESERVE_WORKER_QUEUES).")
+    ] = None,
 ) -> None:
     """Run one training worker (a Celery worker, one job at a time)."""
     from app.cli.processes import worker_arguments
@@ -171,7 +173,9 @@ def jobs_create(
     batch_size: Annotated[int | None, typer.Option(help="Examples per step.")] = None,
     max_seq_length: Annotated[int | None, typer.Option(help="Tokens per example.")] = None,
     suffix: Annotated[str | None, typer.Option(help="Added to the adapter name.")] = None,
-    follow: Annotated[bool, typer.Option("--follow", help="Show live progress until it ends.")] = False,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Show live progress until it ends.")
+    ] = False,
     url: UrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -181,7 +185,9 @@ def jobs_create(
     def resolve(value: str) -> str:
         path = Path(value).expanduser()
         if path.is_file():
-            uploaded = _call(client, "POST", "/files", files={"file": (path.name, path.read_bytes())})
+            uploaded = _call(
+                client, "POST", "/files", files={"file": (path.name, path.read_bytes())}
+            )
             err_console.print(f"uploaded {path} as {uploaded['id']} ({uploaded['bytes']} bytes)")
             return str(uploaded["id"])
         return value
@@ -216,7 +222,9 @@ def _finish(job: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(job)
     elif job["status"] == "succeeded":
-        console.print(f"[green]succeeded[/green]: adapter {job['adapter']['id']} ({job['adapter']['name']})")
+        console.print(
+            f"[green]succeeded[/green]: adapter {job['adapter']['id']} ({job['adapter']['name']})"
+        )
     elif job["status"] == "failed":
         console.print(f"[red]failed[/red] ({job['error']['code']}): {job['error']['message']}")
     else:
@@ -304,10 +312,14 @@ def models(url: UrlOption = None, as_json: JsonOption = False) -> None:
 @app.command()
 def generate(
     prompt: str,
-    adapter: Annotated[str | None, typer.Option(help="Job id, adapter id or name; none = base.")] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="Job id, adapter id or name; none = base.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
-    raw: Annotated[bool, typer.Option("--raw", help="Continue PROMPT as raw text, no chat template.")] = False,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Continue PROMPT as raw text, no chat template.")
+    ] = False,
     url: UrlOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -16,15 +16,31 @@ STOP_GRACE_SECONDS = 20
 
 def api_command(host: str, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-        "--host", host, "--port", str(port), "--no-access-log",
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:create_app",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
     ]
 
 
 def worker_arguments(queues: Sequence[str], concurrency: int = 1) -> list[str]:
     return [
-        "worker", "--loglevel", "INFO", "--queues", ",".join(queues),
-        "--concurrency", str(concurrency), "--pool", "prefork", "--without-gossip",
+        "worker",
+        "--loglevel",
+        "INFO",
+        "--queues",
+        ",".join(queues),
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        "prefork",
+        "--without-gossip",
         "--without-mingle",
     ]
 
@@ -60,7 +76,9 @@ class Supervisor:
         while not self.stopping:
             for name, child in self.children.items():
                 if child.poll() is not None:
-                    self.console.print(f"[red]{name} exited with code {child.returncode}; stopping the rest.[/red]")
+                    self.console.print(
+                        f"[red]{name} exited with code {child.returncode}; stopping the rest.[/red]"
+                    )
                     exit_code = child.returncode or 1
                     self.stopping = True
                     break
@@ -77,6 +95,8 @@ class Supervisor:
             try:
                 child.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                self.console.print(f"[red]{name} did not stop in {STOP_GRACE_SECONDS} s; killing it.[/red]")
+                self.console.print(
+                    f"[red]{name} did not stop in {STOP_GRACE_SECONDS} s; killing it.[/red]"
+                )
                 child.kill()
                 child.wait()

@@ -115,9 +115,12 @@ def _check_file_url(url: str, parts: SplitResult) -> None:
         raise _invalid(f"{url!r} does not name an absolute path, e.g. file:///data/train.jsonl")
 
 
-def validate_dataset_url(url: str) -> None:
-    """Cheap syntactic check, so the API can reject a bad URL before queueing anything."""
-    _classify(url)
+def validate_dataset_url(url: str, *, allowed_file_dirs: Sequence[Path] | None = None) -> None:
+    """Cheap check, so the API can reject a bad URL before queueing anything: the syntax, and
+    for file:// (when allowed_file_dirs is given) that the path lies under an allowed directory."""
+    kind, parts = _classify(url)
+    if kind == "file" and parts is not None and allowed_file_dirs is not None:
+        _under_allowed(Path(unquote(parts.path)), allowed_file_dirs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,8 +271,7 @@ def _forbidden(path: str, allowed: Sequence[Path]) -> FetchError:
     )
 
 
-def _resolve_allowed(path: Path, allowed_file_dirs: Sequence[Path]) -> Path:
-    """Resolve symlinks and refuse anything outside the allowed directories."""
+def _under_allowed(path: Path, allowed_file_dirs: Sequence[Path]) -> None:
     allowed = [d.resolve() for d in allowed_file_dirs]
     try:
         # Non-strict first so a missing file outside the allowed dirs is "forbidden", not "not
@@ -279,6 +281,11 @@ def _resolve_allowed(path: Path, allowed_file_dirs: Sequence[Path]) -> Path:
         raise _forbidden(str(path), allowed) from exc
     if not any(candidate.is_relative_to(d) for d in allowed):
         raise _forbidden(str(path), allowed)
+
+
+def _resolve_allowed(path: Path, allowed_file_dirs: Sequence[Path]) -> Path:
+    """Resolve symlinks and refuse anything outside the allowed directories."""
+    _under_allowed(path, allowed_file_dirs)
     try:
         return path.resolve(strict=True)
     except FileNotFoundError as exc:

@@ -37,7 +37,9 @@ def upload_file(
 def files(
     session: SessionDep, owner: CurrentOwner, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> FileList:
-    return FileList(data=[FileView.model_validate(f) for f in list_files(session, owner=owner, limit=limit)])
+    return FileList(
+        data=[FileView.model_validate(f) for f in list_files(session, owner=owner, limit=limit)]
+    )
 
 
 @router.get("/{file_id}", response_model=FileView, summary="One uploaded file")

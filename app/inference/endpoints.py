@@ -22,7 +22,8 @@ async def generate(
 ) -> GenerateResponse:
     if body.max_new_tokens > settings.max_new_tokens_limit:
         raise InvalidRequest(
-            f"max_new_tokens: at most {settings.max_new_tokens_limit} (TUNESERVE_MAX_NEW_TOKENS_LIMIT).",
+            f"max_new_tokens: at most {settings.max_new_tokens_limit} "
+            "(TUNESERVE_MAX_NEW_TOKENS_LIMIT).",
             code="max_new_tokens_too_large",
             detail={"field": "max_new_tokens"},
         )

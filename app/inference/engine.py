@@ -120,12 +120,17 @@ class InferenceEngine:
             loaded = self._loaded(request.base_model)
             encoded = self._encode(loaded, request)
             prompt_tokens = int(encoded["input_ids"].shape[1])
+            if prompt_tokens == 0:
+                raise InvalidRequest("The prompt is empty after tokenization.", code="empty_prompt")
             if prompt_tokens + request.max_new_tokens > loaded.context_length:
                 raise ContextLengthExceeded(
                     f"The prompt has {prompt_tokens} tokens and max_new_tokens is "
                     f"{request.max_new_tokens}: together more than the model's context of "
                     f"{loaded.context_length} tokens. Shorten the prompt or lower max_new_tokens.",
-                    detail={"prompt_tokens": prompt_tokens, "context_length": loaded.context_length},
+                    detail={
+                        "prompt_tokens": prompt_tokens,
+                        "context_length": loaded.context_length,
+                    },
                 )
             self._activate(loaded, request.adapter_key, request.adapter_path)
             if request.seed is not None:
@@ -142,7 +147,7 @@ class InferenceEngine:
                     **encoded,
                     max_new_tokens=request.max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
-                    stop_strings=request.stop,
+                    stop_strings=request.stop or None,
                     tokenizer=tokenizer if request.stop else None,
                     **sampling,
                 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StrictInt, field_validator, model_validator
 
 from app.schemas import RequestModel, ResponseModel
 
@@ -29,25 +29,30 @@ class GenerateRequest(RequestModel):
         "for the base model.",
     )
     base_model: str | None = Field(
-        None, max_length=200, description="Base model when adapter is null (default model)."
+        None,
+        min_length=1,
+        max_length=200,
+        description="Base model when adapter is null (default model).",
     )
-    prompt: str | None = Field(None, max_length=200_000, description="Raw text to continue.")
+    prompt: str | None = Field(
+        None, min_length=1, max_length=200_000, description="Raw text to continue."
+    )
     messages: list[Message] | None = Field(
         None, min_length=1, max_length=256, description="A chat, rendered with the chat template."
     )
-    max_new_tokens: int = Field(128, ge=1, description="Most tokens to generate.")
+    max_new_tokens: StrictInt = Field(128, ge=1, description="Most tokens to generate.")
     temperature: float = Field(0.0, ge=0, le=2, description="0 is greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> list[str] | None:
         stops = [value] if isinstance(value, str) else value
         if stops is not None:
-            if len(stops) > 4:
-                raise ValueError("at most 4 stop sequences")
+            if not 1 <= len(stops) <= 4:
+                raise ValueError("give 1 to 4 stop sequences, or leave stop out")
             if any(not 1 <= len(stop) <= 100 for stop in stops):
                 raise ValueError("stop sequences are 1 to 100 characters")
         return stops

@@ -36,7 +36,9 @@ def list_jobs(
     session: SessionDep,
     owner: CurrentOwner,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    after: Annotated[str | None, Query(max_length=64, description="Last id of the previous page")] = None,
+    after: Annotated[
+        str | None, Query(max_length=64, description="Last id of the previous page")
+    ] = None,
     status: JobStatus | None = None,
 ) -> JobList:
     jobs, has_more = repository.list_jobs(
@@ -62,7 +64,7 @@ def job_events(
     job_id: str,
     session: SessionDep,
     owner: CurrentOwner,
-    after: Annotated[int, Query(ge=0, description="Return events after this seq")] = 0,
+    after: Annotated[int, Query(ge=0, le=2**31, description="Return events after this seq")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> JobEventList:
     repository.get_job(session, owner=owner, job_id=job_id)

@@ -25,9 +25,14 @@ def append_event(
     at the same moment never get the same one.
     """
     seq = session.execute(
-        update(Job).where(Job.id == job_id).values(event_seq=Job.event_seq + 1).returning(Job.event_seq)
+        update(Job)
+        .where(Job.id == job_id)
+        .values(event_seq=Job.event_seq + 1)
+        .returning(Job.event_seq)
     ).scalar_one()
-    session.add(JobEvent(job_id=job_id, seq=seq, type=type, level=level, message=message, data=data))
+    session.add(
+        JobEvent(job_id=job_id, seq=seq, type=type, level=level, message=message, data=data)
+    )
     session.flush()
     return seq
 

@@ -35,7 +35,9 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     owner: Mapped[str] = mapped_column(String(64), index=True)
     status: Mapped[JobStatus] = mapped_column(
-        Enum(JobStatus, native_enum=False, length=20, values_callable=lambda e: [m.value for m in e]),
+        Enum(
+            JobStatus, native_enum=False, length=20, values_callable=lambda e: [m.value for m in e]
+        ),
         index=True,
     )
     base_model: Mapped[str] = mapped_column(String(200))

@@ -29,7 +29,9 @@ def list_jobs(
         if cursor is None or cursor.owner != owner:
             raise InvalidRequest(f"after: no job {after!r}", code="invalid_cursor")
         query = query.where(tuple_(Job.created_at, Job.id) < (cursor.created_at, cursor.id))
-    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    jobs = list(
+        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    )
     return jobs[:limit], len(jobs) > limit
 
 
@@ -41,4 +43,6 @@ def adapters_by_job(session: Session, job_ids: list[str]) -> dict[str, Adapter]:
 
 
 def list_metrics(session: Session, job_id: str) -> list[JobMetric]:
-    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.id)))
+    return list(
+        session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.id))
+    )

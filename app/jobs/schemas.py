@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, StrictInt, field_validator
 
 from app.jobs.models import JobStatus
 from app.schemas import RequestModel, ResponseModel
@@ -24,24 +24,26 @@ class LrScheduler(enum.StrEnum):
 
 
 class Hyperparameters(RequestModel):
-    n_epochs: int = Field(3, ge=1, le=100, description="Passes over the training set.")
+    n_epochs: StrictInt = Field(3, ge=1, le=100, description="Passes over the training set.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
-    batch_size: int = Field(8, ge=1, le=1024, description="Examples per device step.")
-    gradient_accumulation_steps: int = Field(
+    batch_size: StrictInt = Field(8, ge=1, le=1024, description="Examples per device step.")
+    gradient_accumulation_steps: StrictInt = Field(
         1, ge=1, le=1024, description="Steps accumulated per optimizer update."
     )
-    max_seq_length: int = Field(
+    max_seq_length: StrictInt = Field(
         1024, ge=16, le=131072, description="Tokens per example after the chat template."
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     lr_scheduler: LrScheduler = Field(LrScheduler.LINEAR, description="Learning-rate schedule.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed for data order and LoRA init.")
+    seed: StrictInt = Field(
+        42, ge=0, le=2**32 - 1, description="Seed for data order and LoRA init."
+    )
 
 
 class LoraSpec(RequestModel):
-    r: int = Field(16, ge=1, le=256, description="LoRA rank.")
-    alpha: int = Field(32, ge=1, le=1024, description="LoRA scaling numerator (alpha / r).")
+    r: StrictInt = Field(16, ge=1, le=256, description="LoRA rank.")
+    alpha: StrictInt = Field(32, ge=1, le=1024, description="LoRA scaling numerator (alpha / r).")
     dropout: float = Field(0.05, ge=0, le=0.9, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description='"all-linear" or module names such as ["q_proj", "v_proj"].'
@@ -61,7 +63,10 @@ class LoraSpec(RequestModel):
 
 class CreateJobRequest(RequestModel):
     base_model: str | None = Field(
-        None, max_length=200, description="A name from GET /models; default model when omitted."
+        None,
+        min_length=1,
+        max_length=200,
+        description="A name from GET /models; default model when omitted.",
     )
     dataset_url: str = Field(
         ...,

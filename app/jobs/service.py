@@ -8,7 +8,7 @@ from app.adapters.models import Adapter
 from app.base_models.registry import get_base_model
 from app.datasets.fetch import FetchError, validate_dataset_url
 from app.db import after_commit, utcnow
-from app.errors import InvalidRequest
+from app.errors import InvalidRequest, NotFound
 from app.files.repository import get_file
 from app.ids import new_id
 from app.jobs import repository
@@ -24,12 +24,19 @@ class InvalidDatasetUrl(InvalidRequest):
     code = "invalid_dataset_url"
 
 
-def _check_dataset_url(session: Session, *, owner: str, url: str, field: str) -> None:
+def _check_dataset_url(
+    session: Session, *, owner: str, url: str, field: str, settings: Settings
+) -> None:
     if url.startswith("file-"):
-        get_file(session, owner=owner, file_id=url)
+        try:
+            get_file(session, owner=owner, file_id=url)
+        except NotFound as exc:
+            raise NotFound(
+                f"{field}: {exc.message}", code=exc.code, detail={"field": field}
+            ) from exc
         return
     try:
-        validate_dataset_url(url)
+        validate_dataset_url(url, allowed_file_dirs=settings.allowed_file_dirs)
     except FetchError as exc:
         raise InvalidDatasetUrl(f"{field}: {exc.message}", detail={"field": field}) from exc
 
@@ -38,9 +45,17 @@ def create_job(
     session: Session, *, owner: str, request: CreateJobRequest, settings: Settings
 ) -> Job:
     base_model = get_base_model(settings, request.base_model)
-    _check_dataset_url(session, owner=owner, url=request.dataset_url, field="dataset_url")
+    _check_dataset_url(
+        session, owner=owner, url=request.dataset_url, field="dataset_url", settings=settings
+    )
     if request.validation_url is not None:
-        _check_dataset_url(session, owner=owner, url=request.validation_url, field="validation_url")
+        _check_dataset_url(
+            session,
+            owner=owner,
+            url=request.validation_url,
+            field="validation_url",
+            settings=settings,
+        )
     job = Job(
         id=new_id("ftjob"),
         owner=owner,

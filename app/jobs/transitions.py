@@ -72,7 +72,9 @@ def transition(
     return True
 
 
-def require_transition(session: Session, job: Job, to: JobStatus, message: str, **kwargs: Any) -> None:
+def require_transition(
+    session: Session, job: Job, to: JobStatus, message: str, **kwargs: Any
+) -> None:
     """Like transition(), but a refused change is the caller's error (409)."""
     if not transition(session, job.id, to, message, **kwargs):
         session.refresh(job)

@@ -3,7 +3,6 @@
 Every case asserts the exact status, the one error body shape
 `{"error": {"code", "message", "detail"}}`, the stable error code, and that the message names the
 offending field or thing. 422 is for payload validation only; domain errors carry their status.
-Known bugs are strict xfails whose reason names the cause and the fix.
 """
 
 from __future__ import annotations
@@ -44,7 +43,6 @@ class Case:
     params: dict[str, Any] | None = None
     files: dict[str, Any] | None = None
     data: dict[str, Any] | None = None
-    bug: str | None = None  # a strict xfail: what is wrong, where, and the fix
 
 
 def _changed(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +68,6 @@ def job(
     code: str,
     mentions: tuple[str, ...] = (),
     field: str | None = None,
-    bug: str | None = None,
 ) -> Case:
     return Case(
         f"jobs-{id_}",
@@ -81,22 +78,18 @@ def job(
         mentions,
         field,
         json=_changed(JOB_BODY, changes),
-        bug=bug,
     )
 
 
-def job_invalid(
-    id_: str, changes: dict[str, Any], field: str, *mentions: str, bug: str | None = None
-) -> Case:
-    return job(id_, changes, **invalid(field, *mentions), bug=bug)
+def job_invalid(id_: str, changes: dict[str, Any], field: str, *mentions: str) -> Case:
+    return job(id_, changes, **invalid(field, *mentions))
 
 
-def hyper(id_: str, name: str, value: Any, bug: str | None = None) -> Case:
+def hyper(id_: str, name: str, value: Any) -> Case:
     return job_invalid(
         f"hyperparameters-{id_}",
         {"hyperparameters": {name: value}},
         f"hyperparameters.{name}",
-        bug=bug,
     )
 
 
@@ -112,7 +105,6 @@ def gen(
     code: str,
     mentions: tuple[str, ...] = (),
     field: str | None = None,
-    bug: str | None = None,
 ) -> Case:
     return Case(
         f"generate-{id_}",
@@ -123,14 +115,11 @@ def gen(
         mentions,
         field,
         json=_changed(GEN_BODY, changes),
-        bug=bug,
     )
 
 
-def gen_invalid(
-    id_: str, changes: dict[str, Any], field: str, *mentions: str, bug: str | None = None
-) -> Case:
-    return gen(id_, changes, **invalid(field, *mentions), bug=bug)
+def gen_invalid(id_: str, changes: dict[str, Any], field: str, *mentions: str) -> Case:
+    return gen(id_, changes, **invalid(field, *mentions))
 
 
 def get(
@@ -141,34 +130,13 @@ def get(
     *mentions: str,
     field: str | None = None,
     params: dict[str, Any] | None = None,
-    bug: str | None = None,
 ) -> Case:
-    return Case(id_, "GET", path, status, code, mentions, field, params=params, bug=bug)
+    return Case(id_, "GET", path, status, code, mentions, field, params=params)
 
 
 def get_invalid(id_: str, path: str, params: dict[str, Any], field: str) -> Case:
     return Case(id_, "GET", path, params=params, **invalid(field))
 
-
-BOOL_AS_INT = (
-    "BUG: JSON true is silently accepted as the integer 1 (pydantic lax mode coerces bool to "
-    "int). Cause: int fields of Hyperparameters/LoraSpec (app/jobs/schemas.py:27-49) and "
-    "GenerateRequest.max_new_tokens (app/inference/schemas.py:38). Fix: StrictInt "
-    "(Annotated[int, Strict()]) on integer request fields, or strict=True on RequestModel."
-)
-FILE_URL_NOT_CHECKED = (
-    "BUG: a file:// URL outside TUNESERVE_ALLOWED_FILE_DIRS is accepted with 201 and only fails "
-    "later in the worker. Cause: app/jobs/service.py:32 calls validate_dataset_url, which "
-    "(app/datasets/fetch.py:118) checks syntax only. Fix: at submit, resolve file:// paths "
-    "(non-strict) against settings.allowed_file_dirs as fetch._resolve_allowed does and raise "
-    "InvalidDatasetUrl naming the field and the allowed directories."
-)
-EMPTY_BASE_MODEL = (
-    'BUG: base_model "" silently means the default model. Cause: no min_length on base_model '
-    "(app/jobs/schemas.py:63, app/inference/schemas.py:31) and `name or default` in "
-    "app/base_models/registry.py:102. Fix: Field(None, min_length=1, max_length=200) and "
-    "`name if name is not None else settings.default_base_model`."
-)
 
 CASES: list[Case] = [
     # -- POST /jobs: body shape ---------------------------------------------------------------
@@ -194,12 +162,6 @@ CASES: list[Case] = [
         ("JSON", "body"),
         content=b'{"dataset_url": "file-x",',
         headers={"content-type": "application/json"},
-        bug="BUG: malformed JSON is a 422 whose message names field '25' (the character offset "
-        "FastAPI puts in loc): 'Invalid request: 25: JSON decode error'. It is not payload "
-        "validation but a malformed request. Cause: app/errors.py:76-86 renders json_invalid "
-        "like any validation error. Fix: in _validation, when an error's type is "
-        "'json_invalid', answer 400 code 'invalid_json', message 'The request body is not "
-        "valid JSON (at character N): …'.",
     ),
     # -- POST /jobs: hyperparameters -----------------------------------------------------------
     job_invalid(
@@ -212,7 +174,7 @@ CASES: list[Case] = [
     hyper("n_epochs-101", "n_epochs", 101),
     hyper("n_epochs-string", "n_epochs", "three"),
     hyper("n_epochs-fractional", "n_epochs", 2.5),
-    hyper("n_epochs-bool", "n_epochs", True, bug=BOOL_AS_INT),
+    hyper("n_epochs-bool", "n_epochs", True),
     hyper("learning_rate-0", "learning_rate", 0),
     hyper("learning_rate-1.5", "learning_rate", 1.5),
     hyper("learning_rate-string", "learning_rate", "fast"),
@@ -291,7 +253,7 @@ CASES: list[Case] = [
         mentions=("no-such-model", MODEL),
     ),
     job_invalid("base-model-201-chars", {"base_model": "m" * 201}, "base_model"),
-    job_invalid("base-model-empty", {"base_model": ""}, "base_model", bug=EMPTY_BASE_MODEL),
+    job_invalid("base-model-empty", {"base_model": ""}, "base_model"),
     # -- POST /jobs: dataset and validation URLs ------------------------------------------------
     job_invalid("dataset-url-empty", {"dataset_url": ""}, "dataset_url"),
     job(
@@ -342,7 +304,6 @@ CASES: list[Case] = [
         status=400,
         code="invalid_dataset_url",
         mentions=("dataset_url", "/etc/passwd"),
-        bug=FILE_URL_NOT_CHECKED,
     ),
     job_invalid("validation-url-empty", {"validation_url": ""}, "validation_url"),
     job(
@@ -372,7 +333,6 @@ CASES: list[Case] = [
         status=400,
         code="invalid_dataset_url",
         mentions=("validation_url", "/etc/hosts"),
-        bug=FILE_URL_NOT_CHECKED,
     ),
     # -- GET /jobs, one job, cancel, events ----------------------------------------------------
     get_invalid("list-jobs-limit-0", "/jobs", {"limit": 0}, "limit"),
@@ -417,9 +377,6 @@ CASES: list[Case] = [
         f"/jobs/{JOB}/events",
         params={"after": 2**63},
         **invalid("after"),
-        bug="BUG: 500 (OverflowError: Python int too large to convert to SQLite INTEGER). "
-        "Cause: app/jobs/endpoints.py:65 bounds `after` with ge=0 only. Fix: "
-        "Query(ge=0, le=2**63 - 1) (a seq never gets near that).",
     ),
     # -- files ----------------------------------------------------------------------------------
     Case("upload-no-file-part", "POST", "/files", data={"purpose": "fine-tune"}, **invalid("file")),
@@ -518,7 +475,7 @@ CASES: list[Case] = [
     ),
     gen_invalid("max_new_tokens-0", {"max_new_tokens": 0}, "max_new_tokens"),
     gen_invalid("max_new_tokens-string", {"max_new_tokens": "many"}, "max_new_tokens"),
-    gen_invalid("max_new_tokens-bool", {"max_new_tokens": True}, "max_new_tokens", bug=BOOL_AS_INT),
+    gen_invalid("max_new_tokens-bool", {"max_new_tokens": True}, "max_new_tokens"),
     gen(
         "max_new_tokens-above-limit",
         {"max_new_tokens": 1025},
@@ -538,11 +495,6 @@ CASES: list[Case] = [
         "stop-empty-list",
         {"stop": []},
         "stop",
-        bug="BUG: 500 (ValueError from transformers: stop strings without a tokenizer). "
-        "Cause: the validator at app/inference/schemas.py:47-53 lets [] through and "
-        "app/inference/engine.py:145 passes stop_strings=[] with tokenizer=None. Fix: "
-        "reject [] in the validator ('give 1 to 4 stop sequences, or null'), and pass "
-        "`stop_strings=request.stop or None` in the engine.",
     ),
     gen(
         "unknown-base-model",
@@ -551,16 +503,11 @@ CASES: list[Case] = [
         code="unknown_base_model",
         mentions=("no-such-model",),
     ),
-    gen_invalid("base-model-empty", {"base_model": ""}, "base_model", bug=EMPTY_BASE_MODEL),
+    gen_invalid("base-model-empty", {"base_model": ""}, "base_model"),
     gen_invalid(
         "prompt-empty",
         {"prompt": ""},
         "prompt",
-        bug="BUG: 500 (RuntimeError: cannot reshape tensor of 0 elements): an empty "
-        "prompt tokenizes to zero tokens and model.generate fails. Cause: no min_length "
-        "on GenerateRequest.prompt (app/inference/schemas.py:34). Fix: "
-        "Field(None, min_length=1, …), and in InferenceEngine.generate "
-        "(app/inference/engine.py:122) raise InvalidRequest when prompt_tokens == 0.",
     ),
     gen(
         "prompt-longer-than-context",
@@ -584,9 +531,6 @@ CASES: list[Case] = [
         404,
         "not_found",
         "/no-such-route",
-        bug="BUG: the message is Starlette's bare 'Not Found', naming no route. Cause: "
-        "app/errors.py:88-92 uses str(exc.detail). Fix: for 404 say e.g. "
-        "f'No route {request.method} {request.url.path}. See /docs for the API.'",
     ),
     Case("wrong-method", "DELETE", "/jobs", 405, "method_not_allowed"),
     Case(
@@ -596,25 +540,12 @@ CASES: list[Case] = [
         405,
         "method_not_allowed",
         ("DELETE", "/jobs", "GET", "POST"),
-        bug="BUG: the message is Starlette's bare 'Method Not Allowed'. Cause: "
-        "app/errors.py:88-92 uses str(exc.detail). Fix: for 405 say e.g. "
-        "f'{request.method} is not allowed on {request.url.path}; allowed: "
-        '{exc.headers["Allow"]}.\'',
     ),
 ]
 
-FIVE_HUNDREDS = ("job-events-after-2**63", "generate-stop-empty-list", "generate-prompt-empty")
-
 
 def _cases(cases: list[Case]) -> list[Any]:
-    return [
-        pytest.param(
-            case,
-            id=case.id,
-            marks=[pytest.mark.xfail(strict=True, reason=case.bug)] if case.bug else [],
-        )
-        for case in cases
-    ]
+    return [pytest.param(case, id=case.id) for case in cases]
 
 
 def _fill(value: Any, ctx: dict[str, str]) -> Any:
@@ -703,11 +634,6 @@ def test_every_error_status_has_the_error_shape(service: Service, ctx: dict[str,
         assert_error_shape(response)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=f"BUG: these bad requests answer 500: {FIVE_HUNDREDS} "
-    "(causes and fixes in their own xfail reasons)",
-)
 def test_no_bad_request_is_a_500(service: Service, ctx: dict[str, str]) -> None:
     statuses = {case_id: r.status_code for case_id, r in _responses(service, ctx).items()}
     assert {case_id: s for case_id, s in statuses.items() if s >= 500} == {}

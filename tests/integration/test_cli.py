@@ -19,16 +19,34 @@ from tests.fixtures.service import Service, free_port, wait_until_healthy
 def tuneserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "app.cli.main", *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
     )
 
 
-def test_jobs_create_follow_then_generate(service: Service, tiny_model: str, tmp_path: Path) -> None:
+def test_jobs_create_follow_then_generate(
+    service: Service, tiny_model: str, tmp_path: Path
+) -> None:
     dataset = tmp_path / "sums.jsonl"
     dataset.write_bytes(jsonl(arithmetic_rows(8)))
     created = tuneserve(
-        "jobs", "create", "--dataset", str(dataset), "--base-model", tiny_model, "--epochs", "1",
-        "--batch-size", "4", "--suffix", "cli", "--follow", "--url", service.url,
+        "jobs",
+        "create",
+        "--dataset",
+        str(dataset),
+        "--base-model",
+        tiny_model,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--suffix",
+        "cli",
+        "--follow",
+        "--url",
+        service.url,
     )
     assert created.returncode == 0, created.stderr + created.stdout
     assert "uploaded" in created.stderr and "submitted" in created.stderr
@@ -44,8 +62,15 @@ def test_jobs_create_follow_then_generate(service: Service, tiny_model: str, tmp
     assert "job.succeeded" in events.stdout
 
     answer = tuneserve(
-        "generate", "--adapter", newest["id"], "--max-new-tokens", "5", "--json",
-        "What is 2 plus 2?", "--url", service.url,
+        "generate",
+        "--adapter",
+        newest["id"],
+        "--max-new-tokens",
+        "5",
+        "--json",
+        "What is 2 plus 2?",
+        "--url",
+        service.url,
     )
     assert answer.returncode == 0, answer.stderr
     body = json.loads(answer.stdout)
@@ -53,12 +78,21 @@ def test_jobs_create_follow_then_generate(service: Service, tiny_model: str, tmp
     assert body["usage"]["completion_tokens"] <= 5
 
 
-def test_failed_job_exits_non_zero_with_the_reason(service: Service, tiny_model: str, tmp_path: Path) -> None:
+def test_failed_job_exits_non_zero_with_the_reason(
+    service: Service, tiny_model: str, tmp_path: Path
+) -> None:
     dataset = tmp_path / "bad.jsonl"
     dataset.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     result = tuneserve(
-        "jobs", "create", "--dataset", str(dataset), "--base-model", tiny_model, "--follow",
-        "--url", service.url,
+        "jobs",
+        "create",
+        "--dataset",
+        str(dataset),
+        "--base-model",
+        tiny_model,
+        "--follow",
+        "--url",
+        service.url,
     )
     assert result.returncode == 1
     assert "failed (dataset_invalid)" in result.stdout
@@ -76,7 +110,9 @@ def _children(pid: int) -> set[int]:
     found = set()
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
         except OSError:
             continue
         if fields.get("PPid", "").strip() == str(pid):
@@ -91,7 +127,10 @@ def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None
     env.pop("TUNESERVE_BROKER_URL", None)
     up = subprocess.Popen(
         [sys.executable, "-m", "app.cli.main", "up", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"

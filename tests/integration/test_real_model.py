@@ -32,8 +32,11 @@ def answers(service: Service, adapter: str | None) -> list[str]:
     for sentence in HELD_OUT:
         response = service.client.post(
             "/generate",
-            json={"adapter": adapter, "messages": [{"role": "user", "content": sentence}],
-                  "max_new_tokens": 40},
+            json={
+                "adapter": adapter,
+                "messages": [{"role": "user", "content": sentence}],
+                "max_new_tokens": 40,
+            },
         )
         assert response.status_code == 200, response.text
         texts.append(response.json()["text"])

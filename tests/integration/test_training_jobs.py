@@ -17,7 +17,10 @@ FAST = {"n_epochs": 2, "batch_size": 4, "learning_rate": 1e-3, "max_seq_length":
 def test_upload_train_and_generate(service: Service, tiny_model: str) -> None:
     file_id = service.upload("train.jsonl", jsonl(arithmetic_rows(16)))
     created = service.create_job(
-        base_model=tiny_model, dataset_url=file_id, hyperparameters=FAST, suffix="sums",
+        base_model=tiny_model,
+        dataset_url=file_id,
+        hyperparameters=FAST,
+        suffix="sums",
         metadata={"team": "tests"},
     )
     assert created["status"] == "queued"
@@ -43,13 +46,17 @@ def test_upload_train_and_generate(service: Service, tiny_model: str) -> None:
 
     types = [event["type"] for event in service.events(job["id"])]
     assert types == [
-        "job.created", "job.claimed", "job.loading_model", "job.dataset_validated",
-        "job.training_started", "job.succeeded",
+        "job.created",
+        "job.claimed",
+        "job.loading_model",
+        "job.dataset_validated",
+        "job.training_started",
+        "job.succeeded",
     ]
 
     # The adapter is standard PEFT on disk, and training moved it away from its zero init.
-    from app.db import unit_of_work
     from app.adapters.models import Adapter
+    from app.db import unit_of_work
 
     with unit_of_work() as session:
         path = Path(session.get(Adapter, adapter["id"]).path)
@@ -62,8 +69,11 @@ def test_upload_train_and_generate(service: Service, tiny_model: str) -> None:
     for reference in (job["id"], adapter["id"], adapter["name"]):
         answer = service.client.post(
             "/generate",
-            json={"adapter": reference, "messages": [{"role": "user", "content": "What is 3 plus 3?"}],
-                  "max_new_tokens": 8},
+            json={
+                "adapter": reference,
+                "messages": [{"role": "user", "content": "What is 3 plus 3?"}],
+                "max_new_tokens": 8,
+            },
         )
         assert answer.status_code == 200, answer.text
         body = answer.json()
@@ -83,7 +93,9 @@ def test_dataset_from_file_url_with_validation_set(service: Service, tiny_model:
     train = ALLOWED_DIR / "sums.jsonl"
     train.write_bytes(jsonl(arithmetic_rows(8)))
     created = service.create_job(
-        base_model=tiny_model, dataset_url=f"file://{train}", validation_url=f"file://{train}",
+        base_model=tiny_model,
+        dataset_url=f"file://{train}",
+        validation_url=f"file://{train}",
         hyperparameters=FAST,
     )
     job = service.wait_for(created["id"])
@@ -122,7 +134,9 @@ def test_rows_longer_than_max_seq_length_fail_clearly(service: Service, tiny_mod
 
 def test_unreachable_dataset_url_fails_the_job(service: Service, tiny_model: str) -> None:
     job = service.wait_for(
-        service.create_job(base_model=tiny_model, dataset_url="http://127.0.0.1:9/train.jsonl")["id"]
+        service.create_job(base_model=tiny_model, dataset_url="http://127.0.0.1:9/train.jsonl")[
+            "id"
+        ]
     )
     assert job["status"] == "failed"
     assert job["error"]["code"] == "dataset_fetch_failed"
@@ -131,7 +145,8 @@ def test_unreachable_dataset_url_fails_the_job(service: Service, tiny_model: str
 def test_cancel_a_running_job(service: Service, tiny_model: str) -> None:
     file_id = service.upload("many.jsonl", jsonl(arithmetic_rows(64)))
     created = service.create_job(
-        base_model=tiny_model, dataset_url=file_id,
+        base_model=tiny_model,
+        dataset_url=file_id,
         hyperparameters={"n_epochs": 100, "batch_size": 1, "max_seq_length": 64},
     )
     running = service.wait_for(created["id"], {"running", "failed", "succeeded"})

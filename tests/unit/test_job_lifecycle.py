@@ -19,8 +19,15 @@ def make_job(status: JobStatus = JobStatus.QUEUED, **values: object) -> str:
 
     job_id = new_id("ftjob")
     row: dict[str, object] = {
-        "owner": "local", "base_model": "tiny", "dataset_url": "file-x", "hyperparameters": {},
-        "lora": {}, "attempt": 0, "event_seq": 0, "created_at": utcnow(), "enqueued_at": utcnow(),
+        "owner": "local",
+        "base_model": "tiny",
+        "dataset_url": "file-x",
+        "hyperparameters": {},
+        "lora": {},
+        "attempt": 0,
+        "event_seq": 0,
+        "created_at": utcnow(),
+        "enqueued_at": utcnow(),
     }
     with unit_of_work() as session:
         session.add(Job(id=job_id, status=status, **{**row, **values}))
@@ -125,7 +132,9 @@ def test_reaper_fails_a_job_after_max_attempts(fresh_db, sent) -> None:
 
     settings = get_settings()
     stale = utcnow() - timedelta(seconds=settings.stale_job_seconds + 5)
-    lost = make_job(JobStatus.RUNNING, attempt=settings.max_attempts, worker="dead:1", heartbeat_at=stale)
+    lost = make_job(
+        JobStatus.RUNNING, attempt=settings.max_attempts, worker="dead:1", heartbeat_at=stale
+    )
     assert reap_lost_jobs(settings)["failed"] == [lost]
     failed = job(lost)
     assert failed.status is JobStatus.FAILED and failed.error is not None
