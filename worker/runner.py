@@ -133,6 +133,7 @@ class JobContext:
     job: Job
     settings: Settings
     heartbeat: Heartbeat
+    worker_id: str
 
     @property
     def workdir(self) -> Path:
@@ -151,18 +152,18 @@ def run_job(job_id: str) -> None:
         logger.info("job %s was not claimable (already taken, cancelled or gone)", job_id)
         return
     with Heartbeat(job_id, me, settings.heartbeat_interval_seconds) as heartbeat:
-        context = JobContext(job=job, settings=settings, heartbeat=heartbeat)
+        context = JobContext(job=job, settings=settings, heartbeat=heartbeat, worker_id=me)
         try:
             _run_claimed(context)
         except JobStopped as stop:
-            _finish_stopped(job_id, stop.reason)
+            _finish_stopped(job_id, me, stop.reason)
         except JobFailure as failure:
-            _fail(job_id, failure.code, failure.message, failure.detail)
+            _fail(job_id, me, failure.code, failure.message, failure.detail)
         except TuneserveError as error:
-            _fail(job_id, error.code, error.message, error.detail)
+            _fail(job_id, me, error.code, error.message, error.detail)
         except Exception as exc:
             logger.exception("job %s failed", job_id)
-            _fail(job_id, *_describe_crash(exc))
+            _fail(job_id, me, *_describe_crash(exc))
         finally:
             shutil.rmtree(context.workdir / "trainer", ignore_errors=True)
 
@@ -216,6 +217,7 @@ def _run_claimed(context: JobContext) -> None:
             JobStatus.RUNNING,
             f"Training started: {prepared.total_steps} steps.",
             only_from=frozenset({JobStatus.VALIDATING}),
+            claimed_by=context.worker_id,
             values={
                 "progress": {"step": 0, "total_steps": prepared.total_steps, "epoch": 0.0},
                 "heartbeat_at": utcnow(),
@@ -263,6 +265,7 @@ def _run_claimed(context: JobContext) -> None:
             JobStatus.SUCCEEDED,
             f"Training finished in {result.seconds:.0f} s; adapter {adapter.id} ({adapter.name}).",
             only_from=frozenset({JobStatus.RUNNING}),
+            claimed_by=context.worker_id,
             data={
                 "adapter": adapter.id,
                 "train_loss": result.train_loss,
@@ -304,17 +307,23 @@ def _register_adapter(
     )
 
 
-def _finish_stopped(job_id: str, reason: str) -> None:
+def _finish_stopped(job_id: str, me: str, reason: str) -> None:
     if reason == "claim_lost":
         logger.warning(
             "job %s: this worker lost its claim; leaving the job to its new attempt", job_id
         )
         return
     with unit_of_work() as session:
-        transition(session, job_id, JobStatus.CANCELLED, "Cancelled by request; training stopped.")
+        transition(
+            session,
+            job_id,
+            JobStatus.CANCELLED,
+            "Cancelled by request; training stopped.",
+            claimed_by=me,
+        )
 
 
-def _fail(job_id: str, code: str, message: str, detail: Any = None) -> None:
+def _fail(job_id: str, me: str, code: str, message: str, detail: Any = None) -> None:
     with unit_of_work() as session:
         transition(
             session,
@@ -322,6 +331,7 @@ def _fail(job_id: str, code: str, message: str, detail: Any = None) -> None:
             JobStatus.FAILED,
             message,
             level="error",
+            claimed_by=me,
             data={"code": code},
             values={"error": {"code": code, "message": message, "detail": detail}},
         )

@@ -60,7 +60,7 @@ class TrainingResult:
 def _make_callback(hooks: TrainingHooks) -> Any:
     from transformers import TrainerCallback
 
-    class ReportingCallback(TrainerCallback):  # type: ignore[misc]
+    class ReportingCallback(TrainerCallback):
         """Turns trainer logs into ProgressUpdates and asks the trainer to stop on cancel."""
 
         def __init__(self) -> None:
@@ -102,10 +102,10 @@ def _make_callback(hooks: TrainingHooks) -> Any:
 def total_steps(rows: int, hyperparameters: dict[str, Any]) -> int:
     """The optimizer steps the Trainer will take (it rounds batches, then accumulation, up)."""
     batches = math.ceil(rows / hyperparameters["batch_size"])
-    return (
-        math.ceil(batches / hyperparameters["gradient_accumulation_steps"])
-        * hyperparameters["n_epochs"]
+    updates_per_epoch: int = math.ceil(
+        batches / int(hyperparameters["gradient_accumulation_steps"])
     )
+    return updates_per_epoch * int(hyperparameters["n_epochs"])
 
 
 def train_lora(
@@ -120,7 +120,7 @@ def train_lora(
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
     hooks = hooks or TrainingHooks()
     hp = spec.hyperparameters
@@ -192,7 +192,9 @@ def train_lora(
     eval_loss = float(eval_losses[-1]) if eval_losses else None
     if not stopped_early:
         adapter_dir = output_dir / "adapter"
-        trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        trainer.model.save_pretrained(  # type: ignore[union-attr,operator]
+            str(adapter_dir), safe_serialization=True
+        )
         tokenizer.save_pretrained(str(adapter_dir))
     return TrainingResult(
         steps=state.global_step,

@@ -159,7 +159,7 @@ def follow_job(client: Client, job_id: str) -> dict[str, Any]:
                 eta=f"{eta:.0f}s" if eta is not None else "-",
             )
             if job["status"] in TERMINAL:
-                return job
+                return dict(job)
             time.sleep(1.0)
 
 

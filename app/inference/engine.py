@@ -76,7 +76,7 @@ class InferenceEngine:
             evicted, _ = self._models.popitem(last=False)
             logger.info("unloaded base model %s", evicted)
         model = load_causal_lm(self.settings, base_model)
-        model.eval()
+        model.eval()  # type: ignore[no-untyped-call]
         tokenizer = load_tokenizer(self.settings, base_model)
         context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         loaded = LoadedModel(model=model, tokenizer=tokenizer, context_length=context)

@@ -79,8 +79,8 @@ class CreateJobRequest(RequestModel):
     suffix: str | None = Field(
         None, description="Up to 40 letters, digits, '-' or '_', added to the adapter name."
     )
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)  # type: ignore[arg-type]
-    lora: LoraSpec = Field(default_factory=LoraSpec)  # type: ignore[arg-type]
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
     metadata: dict[str, str] | None = Field(None, description="Up to 16 short key/value pairs.")
 
     @field_validator("suffix")

@@ -48,21 +48,26 @@ def transition(
     message: str,
     *,
     only_from: frozenset[JobStatus] | None = None,
+    claimed_by: str | None = None,
     data: dict[str, Any] | None = None,
     level: str = "info",
     values: dict[str, Any] | None = None,
 ) -> bool:
     """Move job_id to `to` if its current status allows it; False when it did not (lost a race).
 
-    `only_from` narrows the allowed sources further (a worker finishing only from `running`).
+    `only_from` narrows the allowed sources further (a worker finishing only from `running`);
+    `claimed_by` makes a worker's change apply only while the job is still its own attempt.
     """
     sources = ALLOWED_SOURCES[to] if only_from is None else ALLOWED_SOURCES[to] & only_from
     changes: dict[str, Any] = {"status": to, **(values or {})}
     if to.is_terminal:
         changes.setdefault("finished_at", utcnow())
+    conditions = [Job.id == job_id, Job.status.in_(sources)]
+    if claimed_by is not None:
+        conditions.append(Job.worker == claimed_by)
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(sources))
+        .where(*conditions)
         .values(**changes)
         .execution_options(synchronize_session=False)
     )

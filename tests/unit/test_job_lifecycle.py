@@ -164,3 +164,17 @@ def test_reaper_resends_a_queued_job_whose_message_was_lost(fresh_db, sent) -> N
         resent_at = session.scalar(select(Job.enqueued_at).where(Job.id == waiting))
     assert resent_at is not None and resent_at > old
     assert job(fresh).status is JobStatus.QUEUED
+
+
+def test_a_worker_that_lost_its_claim_cannot_end_the_new_attempt(fresh_db) -> None:
+    from worker.runner import _fail, claim
+
+    job_id = make_job()
+    assert claim(job_id, "old:1") is not None
+    with unit_of_work() as session:  # the reaper gave up on old:1
+        assert transition(session, job_id, JobStatus.QUEUED, "requeued", values={"worker": None})
+    assert claim(job_id, "new:2") is not None
+    _fail(job_id, "old:1", "training_failed", "late failure from the old attempt")
+    current = job(job_id)
+    assert current.status is JobStatus.VALIDATING
+    assert current.worker == "new:2" and current.attempt == 2 and current.error is None
