@@ -252,9 +252,8 @@ def _run_claimed(context: JobContext) -> None:
             "step": result.steps,
             "total_steps": result.total_steps,
             "eta_seconds": 0.0,
+            "trained_tokens": result.trained_tokens,
         }
-        if result.train_loss is not None:
-            final["train_loss"] = result.train_loss
         if result.eval_loss is not None:
             final["eval_loss"] = result.eval_loss
         session.add(adapter)
@@ -268,7 +267,7 @@ def _run_claimed(context: JobContext) -> None:
             claimed_by=context.worker_id,
             data={
                 "adapter": adapter.id,
-                "train_loss": result.train_loss,
+                "mean_train_loss": result.train_loss,
                 "eval_loss": result.eval_loss,
                 "trained_tokens": result.trained_tokens,
                 "seconds": round(result.seconds, 1),

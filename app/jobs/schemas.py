@@ -114,6 +114,7 @@ class Progress(ResponseModel):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
+    trained_tokens: int | None = None
 
 
 class JobError(ResponseModel):
