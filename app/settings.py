@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -31,6 +31,19 @@ class Settings(BaseSettings):
         default=None,
         description="Where converted and downloaded base models live. Default: DATA_DIR/models.",
     )
+    artifacts_url: str | None = Field(
+        default=None,
+        description="Where datasets, adapters and checkpoints are stored: a directory or "
+        "s3://bucket/prefix shared by api replicas and workers. Default: DATA_DIR/artifacts.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3-compatible endpoint (MinIO, Ceph…); AWS when unset."
+    )
+    s3_access_key_id: str | None = Field(
+        default=None, description="S3 access key; the AWS credential chain when unset."
+    )
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    s3_region: str | None = Field(default=None, description="S3 region.")
     api_url: str = Field(
         default="http://127.0.0.1:8000",
         description="Where the CLI finds the api.",
@@ -81,8 +94,26 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest max_new_tokens a generation may ask for."
     )
+    default_queue: str = Field(
+        default="training",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Queue of jobs that name no accelerator; every worker should consume it.",
+    )
     worker_queues: list[str] = Field(
-        default_factory=lambda: ["training"], description="Celery queues a worker consumes."
+        default_factory=lambda: ["training"],
+        description='Queues a worker consumes (JSON list), e.g. ["training", "training-rocm"]: '
+        "jobs asking for an accelerator class go to training-<class>.",
+    )
+    bf16: str = Field(
+        default="auto",
+        pattern="^(auto|on|off)$",
+        description="Train in bf16 autocast: auto = where the device runs bf16 natively.",
+    )
+    training_processes: int = Field(
+        default=1,
+        ge=0,
+        description="Processes (GPUs) one job trains on, data-parallel through torchrun; 0 = "
+        "every GPU of the node.",
     )
     log_level: str = Field(default="INFO", description="Log level of every process.")
 

@@ -472,6 +472,11 @@ def _store(
     return ArtifactStore(root_url, storage_options=options)
 
 
+def _secret(value: Any) -> str | None:
+    secret = value.get_secret_value() if hasattr(value, "get_secret_value") else value
+    return None if secret is None else str(secret)
+
+
 def artifact_store(settings: Settings) -> ArtifactStore:
     """The artifact store the settings name (one instance per root and credentials)."""
     url = getattr(settings, "artifacts_url", None) or f"file://{settings.artifacts_dir}"
@@ -479,6 +484,6 @@ def artifact_store(settings: Settings) -> ArtifactStore:
         str(url),
         getattr(settings, "s3_endpoint_url", None),
         getattr(settings, "s3_access_key_id", None),
-        getattr(settings, "s3_secret_access_key", None),
+        _secret(getattr(settings, "s3_secret_access_key", None)),
         getattr(settings, "s3_region", None),
     )

@@ -42,5 +42,5 @@ def make_celery() -> Celery:
 celery_app = make_celery()
 
 
-def enqueue_job(job_id: str) -> None:
-    celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=TRAINING_QUEUE)
+def enqueue_job(job_id: str, queue: str = TRAINING_QUEUE) -> None:
+    celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)

@@ -16,6 +16,7 @@ from app.errors import NotFound
 from app.files.repository import get_file
 from app.jobs.models import Job
 from app.settings import Settings
+from app.storage import artifact_store
 from worker.training import total_steps
 
 logger = logging.getLogger(__name__)
@@ -62,12 +63,13 @@ def _bring_here(
                 file = get_file(session, owner=job.owner, file_id=url)
         except NotFound as exc:
             raise JobFailure("dataset_not_found", f"{field_name}: {exc.message}") from exc
+        store = artifact_store(settings)
+        path = store.local_path(file.path)
+        if path is None:
+            path = dest
+            store.get_file(file.path, path)
         return FetchedDataset(
-            path=Path(file.path),
-            filename=file.filename,
-            bytes=file.bytes,
-            sha256=file.sha256,
-            etag=None,
+            path=path, filename=file.filename, bytes=file.bytes, sha256=file.sha256, etag=None
         )
     try:
         return fetch_dataset(

@@ -28,7 +28,9 @@ from app.jobs.events import append_event
 from app.jobs.models import Job, JobMetric, JobStatus
 from app.jobs.transitions import transition
 from app.settings import Settings, get_settings
+from app.storage import artifact_store
 from worker.datasets import DatasetFacts, JobFailure, prepare_datasets
+from worker.devices import Device, detect_device
 from worker.heartbeat import Heartbeat
 from worker.training import ProgressUpdate, TrainingHooks, TrainingSpec, train_lora
 
@@ -186,8 +188,24 @@ def _describe_crash(exc: Exception) -> tuple[str, str, Any]:
     )
 
 
+def use_bf16(setting: str, device: Device) -> bool:
+    return setting == "on" or (setting == "auto" and device.bf16)
+
+
 def _run_claimed(context: JobContext) -> None:
     job, settings = context.job, context.settings
+    device = detect_device()
+    bf16 = use_bf16(settings.bf16, device)
+    with unit_of_work() as session:
+        session.execute(update(Job).where(Job.id == job.id).values(device=device.facts()))
+        append_event(
+            session,
+            job.id,
+            "job.device",
+            f"Training on {device.kind}: {device.count} x {device.name}"
+            f" ({'bf16 autocast' if bf16 else 'fp32'}).",
+            data={**device.facts(), "bf16_autocast": bf16},
+        )
     base_model = get_base_model(settings, job.base_model)
     event(job.id, "job.loading_model", f"Preparing base model {base_model.name}.")
     try:
@@ -232,6 +250,7 @@ def _run_claimed(context: JobContext) -> None:
         hyperparameters=job.hyperparameters,
         lora=job.lora,
         model_kwargs=prepared.model_kwargs,
+        bf16=bf16,
     )
     result = train_lora(
         spec,
@@ -245,7 +264,7 @@ def _run_claimed(context: JobContext) -> None:
     if result.stopped_early:
         raise JobStopped("cancelled")
 
-    adapter = _register_adapter(context, result.train_loss, result.eval_loss)
+    adapter = _register_adapter(context)
     with unit_of_work() as session:
         final = {
             **writer.progress,
@@ -276,29 +295,27 @@ def _run_claimed(context: JobContext) -> None:
         )
         if not succeeded:
             session.rollback()
-            shutil.rmtree(adapter.path, ignore_errors=True)
+            artifact_store(settings).delete(adapter.path)
             raise JobStopped("claim_lost")
 
 
-def _register_adapter(
-    context: JobContext, train_loss: float | None, eval_loss: float | None
-) -> Adapter:
-    del train_loss, eval_loss  # kept in the job's metrics; the adapter row holds its files
+def _register_adapter(context: JobContext) -> Adapter:
+    """Publish the saved adapter to the artifact store and build its row."""
     job, settings = context.job, context.settings
     adapter_id = new_id("adapter")
-    target = settings.artifacts_dir / "adapters" / adapter_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(context.workdir / "adapter"), target)
-    weights = target / "adapter_model.safetensors"
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    size = sum(path.stat().st_size for path in target.rglob("*") if path.is_file())
+    local = context.workdir / "adapter"
+    digest = hashlib.sha256((local / "adapter_model.safetensors").read_bytes()).hexdigest()
+    size = sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
+    key = f"adapters/{adapter_id}"
+    artifact_store(settings).put_dir(local, key)
+    shutil.rmtree(local, ignore_errors=True)
     return Adapter(
         id=adapter_id,
         owner=job.owner,
         job_id=job.id,
         base_model=job.base_model,
         name=f"ft:{job.base_model}:{job.owner}:{job.suffix or ''}:{job.id}",
-        path=str(target),
+        path=key,
         sha256=digest,
         size_bytes=size,
         rank=int(job.lora["r"]),

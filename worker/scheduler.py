@@ -27,6 +27,7 @@ def reap_lost_jobs(settings: Settings) -> dict[str, list[str]]:
     now = utcnow()
     stale_before = now - timedelta(seconds=settings.stale_job_seconds)
     outcome: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "resent": []}
+    queues: dict[str, str] = {}
     with unit_of_work() as session:
         stale = session.scalars(
             select(Job).where(
@@ -65,16 +66,21 @@ def reap_lost_jobs(settings: Settings) -> dict[str, list[str]]:
                 values={"worker": None, "enqueued_at": now},
             ):
                 outcome["requeued"].append(job.id)
+                queues[job.id] = job.queue
         resend_before = now - timedelta(seconds=settings.requeue_queued_after_seconds)
-        lost = session.scalars(
-            select(Job.id).where(Job.status == JobStatus.QUEUED, Job.enqueued_at < resend_before)
+        lost = session.execute(
+            select(Job.id, Job.queue).where(
+                Job.status == JobStatus.QUEUED, Job.enqueued_at < resend_before
+            )
         ).all()
         if lost:
-            session.execute(update(Job).where(Job.id.in_(lost)).values(enqueued_at=now))
-            outcome["resent"].extend(lost)
+            ids = [row.id for row in lost]
+            session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=now))
+            outcome["resent"].extend(ids)
+            queues.update({row.id: row.queue for row in lost})
     # Messages go out after the commit; a duplicate is harmless, the claim takes one.
     for job_id in outcome["requeued"] + outcome["resent"]:
-        enqueue_job(job_id)
+        enqueue_job(job_id, queues[job_id])
     return outcome
 
 

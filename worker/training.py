@@ -114,6 +114,7 @@ def train_lora(
     eval_records: list[dict[str, Any]] | None,
     output_dir: Path,
     hooks: TrainingHooks | None = None,
+    extra_callbacks: list[Any] | None = None,
 ) -> TrainingResult:
     """Train a LoRA adapter and save it (PEFT format) into output_dir/adapter."""
     import torch
@@ -182,7 +183,7 @@ def train_lora(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config,
-        callbacks=[_make_callback(hooks)],
+        callbacks=[_make_callback(hooks), *(extra_callbacks or [])],
     )
     output = trainer.train()
     state = trainer.state
@@ -190,7 +191,7 @@ def train_lora(
 
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     eval_loss = float(eval_losses[-1]) if eval_losses else None
-    if not stopped_early:
+    if not stopped_early and trainer.is_world_process_zero():
         adapter_dir = output_dir / "adapter"
         trainer.model.save_pretrained(  # type: ignore[union-attr,operator]
             str(adapter_dir), safe_serialization=True

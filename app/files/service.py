@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-from pathlib import Path
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from sqlalchemy.orm import Session
@@ -15,6 +13,7 @@ from app.errors import InvalidRequest, PayloadTooLarge
 from app.files.models import File
 from app.ids import new_id
 from app.settings import Settings
+from app.storage import artifact_store
 
 CHUNK = 1024 * 1024
 PURPOSES = ("fine-tune",)
@@ -43,37 +42,35 @@ def store_upload(
             code="invalid_purpose",
             detail={"field": "purpose"},
         )
+    first = stream.read(CHUNK)
+    if not first:
+        raise InvalidRequest("The uploaded file is empty.", code="empty_file")
+
+    def chunks() -> Iterator[bytes]:
+        size, chunk = 0, first
+        while chunk:
+            size += len(chunk)
+            if size > settings.max_dataset_bytes:
+                raise PayloadTooLarge(
+                    f"The file is larger than {settings.max_dataset_bytes} bytes "
+                    "(TUNESERVE_MAX_DATASET_BYTES).",
+                    code="file_too_large",
+                )
+            yield chunk
+            chunk = stream.read(CHUNK)
+
     file_id = new_id("file")
-    directory = settings.artifacts_dir / "files"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / file_id
-    digest, size = hashlib.sha256(), 0
-    partial = path.with_suffix(".partial")
-    try:
-        with partial.open("wb") as out:
-            while chunk := stream.read(CHUNK):
-                size += len(chunk)
-                if size > settings.max_dataset_bytes:
-                    raise PayloadTooLarge(
-                        f"The file is larger than {settings.max_dataset_bytes} bytes "
-                        "(TUNESERVE_MAX_DATASET_BYTES).",
-                        code="file_too_large",
-                    )
-                digest.update(chunk)
-                out.write(chunk)
-        if size == 0:
-            raise InvalidRequest("The uploaded file is empty.", code="empty_file")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    key = f"files/{file_id}"
+    # The store publishes the file only once every chunk is in: a refused upload leaves nothing.
+    size, sha256 = artifact_store(settings).write_stream(key, chunks())
     file = File(
         id=file_id,
         owner=owner,
         filename=safe_filename(filename),
         bytes=size,
-        sha256=digest.hexdigest(),
+        sha256=sha256,
         purpose=purpose,
-        path=str(Path(path)),
+        path=key,
         created_at=utcnow(),
     )
     session.add(file)

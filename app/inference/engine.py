@@ -17,6 +17,7 @@ from app.base_models.registry import BaseModel
 from app.errors import InvalidRequest
 from app.inference.schemas import FinishReason
 from app.settings import Settings
+from app.storage import artifact_store
 
 logger = logging.getLogger(__name__)
 BASE_MODELS_KEPT = 2
@@ -30,7 +31,7 @@ class ContextLengthExceeded(InvalidRequest):
 class Generation:
     base_model: BaseModel
     adapter_key: str | None  # the adapter id, or None for the base model alone
-    adapter_path: str | None
+    adapter_path: str | None  # its key in the artifact store
     prompt: str | None
     messages: list[dict[str, str]] | None
     max_new_tokens: int
@@ -91,6 +92,8 @@ class InferenceEngine:
         if key in loaded.adapters:
             loaded.adapters.move_to_end(key)
         else:
+            store = artifact_store(self.settings)
+            path = str(store.cached_dir(path, self.settings.data_dir / "artifact-cache"))
             if not isinstance(loaded.model, PeftModel):
                 loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=key)
             else:

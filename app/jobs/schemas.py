@@ -23,6 +23,12 @@ class LrScheduler(enum.StrEnum):
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
 
 
+class AcceleratorClass(enum.StrEnum):
+    ROCM = "rocm"
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
 class Hyperparameters(RequestModel):
     n_epochs: StrictInt = Field(3, ge=1, le=100, description="Passes over the training set.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
@@ -82,6 +88,11 @@ class CreateJobRequest(RequestModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     metadata: dict[str, str] | None = Field(None, description="Up to 16 short key/value pairs.")
+    accelerator: AcceleratorClass | None = Field(
+        None,
+        description="Run only on workers of this class (queue training-<class>); any worker "
+        "when omitted.",
+    )
 
     @field_validator("suffix")
     @classmethod
@@ -146,7 +157,11 @@ class JobView(ResponseModel):
     error: JobError | None
     metadata: dict[str, str] | None
     attempt: int
+    queue: str
     worker: str | None
+    device: dict[str, Any] | None = Field(
+        None, description="The device the worker trained on (kind, name, count, bf16, memory)."
+    )
     cancel_requested: bool
     created_at: datetime
     started_at: datetime | None

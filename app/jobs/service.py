@@ -14,7 +14,14 @@ from app.ids import new_id
 from app.jobs import repository
 from app.jobs.events import append_event
 from app.jobs.models import Job, JobStatus
-from app.jobs.schemas import AdapterRef, CreateJobRequest, JobError, JobView, Progress
+from app.jobs.schemas import (
+    AcceleratorClass,
+    AdapterRef,
+    CreateJobRequest,
+    JobError,
+    JobView,
+    Progress,
+)
 from app.jobs.transitions import require_transition
 from app.settings import Settings
 from worker.celery_app import enqueue_job
@@ -39,6 +46,10 @@ def _check_dataset_url(
         validate_dataset_url(url, allowed_file_dirs=settings.allowed_file_dirs)
     except FetchError as exc:
         raise InvalidDatasetUrl(f"{field}: {exc.message}", detail={"field": field}) from exc
+
+
+def queue_for(accelerator: AcceleratorClass | None, settings: Settings) -> str:
+    return settings.default_queue if accelerator is None else f"training-{accelerator.value}"
 
 
 def create_job(
@@ -67,6 +78,7 @@ def create_job(
         hyperparameters=request.hyperparameters.model_dump(mode="json"),
         lora=request.lora.model_dump(mode="json"),
         metadata_=request.metadata,
+        queue=queue_for(request.accelerator, settings),
         attempt=0,
         event_seq=0,
         created_at=utcnow(),
@@ -81,7 +93,7 @@ def create_job(
         f"Job created: fine-tune {base_model.name} on {request.dataset_url}.",
         data={"hyperparameters": job.hyperparameters, "lora": job.lora},
     )
-    after_commit(session, lambda: enqueue_job(job.id))
+    after_commit(session, lambda: enqueue_job(job.id, job.queue))
     return job
 
 
@@ -118,7 +130,9 @@ def to_view(job: Job, adapter: Adapter | None) -> JobView:
         error=JobError.model_validate(job.error) if job.error else None,
         metadata=job.metadata_,
         attempt=job.attempt,
+        queue=job.queue,
         worker=job.worker,
+        device=job.device,
         cancel_requested=job.cancel_requested_at is not None,
         created_at=job.created_at,
         started_at=job.started_at,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from safetensors.torch import load_file
 
@@ -36,6 +35,8 @@ def test_upload_train_and_generate(service: Service, tiny_model: str) -> None:
     assert job["progress"]["step"] == job["progress"]["total_steps"] == 8
     assert job["progress"]["train_loss"] > 0
     assert job["attempt"] == 1
+    assert job["queue"] == "training"
+    assert job["device"]["kind"] == "cpu" and job["device"]["count"] == 1
     assert job["metadata"] == {"team": "tests"}
     assert job["finished_at"] >= job["started_at"] >= job["created_at"]
 
@@ -48,6 +49,7 @@ def test_upload_train_and_generate(service: Service, tiny_model: str) -> None:
     assert types == [
         "job.created",
         "job.claimed",
+        "job.device",
         "job.loading_model",
         "job.dataset_validated",
         "job.training_started",
@@ -57,9 +59,14 @@ def test_upload_train_and_generate(service: Service, tiny_model: str) -> None:
     # The adapter is standard PEFT on disk, and training moved it away from its zero init.
     from app.adapters.models import Adapter
     from app.db import unit_of_work
+    from app.settings import get_settings
+    from app.storage import artifact_store
 
     with unit_of_work() as session:
-        path = Path(session.get(Adapter, adapter["id"]).path)
+        key = session.get(Adapter, adapter["id"]).path
+    assert key == f"adapters/{adapter['id']}"
+    path = artifact_store(get_settings()).local_path(key)
+    assert path is not None
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["r"] == 16 and config["lora_alpha"] == 32 and config["peft_type"] == "LORA"
     weights = load_file(path / "adapter_model.safetensors")

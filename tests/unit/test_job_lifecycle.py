@@ -107,7 +107,9 @@ def test_events_are_numbered_per_job(fresh_db) -> None:
 def sent(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The job ids the reaper puts back on the queue (captured instead of sent to the broker)."""
     messages: list[str] = []
-    monkeypatch.setattr("worker.scheduler.enqueue_job", messages.append)
+    monkeypatch.setattr(
+        "worker.scheduler.enqueue_job", lambda job_id, queue: messages.append(job_id)
+    )
     return messages
 
 
