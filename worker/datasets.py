@@ -147,7 +147,7 @@ def _check_lengths(
 
 
 def prepare_datasets(
-    job: Job, settings: Settings, model_location: str, workdir: Path
+    job: Job, settings: Settings, model_location: str, workdir: Path, world_size: int = 1
 ) -> PreparedDatasets:
     from transformers import AutoTokenizer
 
@@ -195,6 +195,6 @@ def prepare_datasets(
         facts=facts,
         train_records=parsed.records,
         eval_records=eval_records,
-        total_steps=total_steps(parsed.rows, job.hyperparameters),
+        total_steps=total_steps(parsed.rows, job.hyperparameters, world_size),
         model_kwargs=model_kwargs,
     )

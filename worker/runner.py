@@ -31,6 +31,7 @@ from app.settings import Settings, get_settings
 from app.storage import artifact_store
 from worker.datasets import DatasetFacts, JobFailure, prepare_datasets
 from worker.devices import Device, detect_device
+from worker.distributed import node_processes, run_distributed
 from worker.heartbeat import Heartbeat
 from worker.training import ProgressUpdate, TrainingHooks, TrainingSpec, train_lora
 
@@ -214,7 +215,8 @@ def _run_claimed(context: JobContext) -> None:
         raise JobFailure(exc.code, exc.message) from exc
     context.check_stop()
 
-    prepared = prepare_datasets(job, settings, location, context.workdir)
+    processes = settings.training_processes or node_processes()
+    prepared = prepare_datasets(job, settings, location, context.workdir, processes)
     facts: DatasetFacts = prepared.facts
     with unit_of_work() as session:
         session.execute(update(Job).where(Job.id == job.id).values(dataset=facts))
@@ -252,13 +254,16 @@ def _run_claimed(context: JobContext) -> None:
         model_kwargs=prepared.model_kwargs,
         bf16=bf16,
     )
-    result = train_lora(
-        spec,
-        prepared.train_records,
-        prepared.eval_records,
-        context.workdir,
-        TrainingHooks(on_progress=writer, should_stop=context.heartbeat.stop_requested.is_set),
-    )
+    hooks = TrainingHooks(on_progress=writer, should_stop=context.heartbeat.stop_requested.is_set)
+    if processes > 1:
+        event(job.id, "job.distributed", f"Data-parallel training on {processes} processes.")
+        result = run_distributed(
+            spec, prepared.train_records, prepared.eval_records, context.workdir, hooks, processes
+        )
+    else:
+        result = train_lora(
+            spec, prepared.train_records, prepared.eval_records, context.workdir, hooks
+        )
     writer.flush()
     context.check_stop()
     if result.stopped_early:

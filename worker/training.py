@@ -99,9 +99,10 @@ def _make_callback(hooks: TrainingHooks) -> Any:
     return ReportingCallback()
 
 
-def total_steps(rows: int, hyperparameters: dict[str, Any]) -> int:
-    """The optimizer steps the Trainer will take (it rounds batches, then accumulation, up)."""
-    batches = math.ceil(rows / hyperparameters["batch_size"])
+def total_steps(rows: int, hyperparameters: dict[str, Any], world_size: int = 1) -> int:
+    """The optimizer steps the Trainer will take (it rounds batches, then accumulation, up);
+    with data parallelism each step takes batch_size rows on every rank."""
+    batches = math.ceil(rows / (hyperparameters["batch_size"] * world_size))
     updates_per_epoch: int = math.ceil(
         batches / int(hyperparameters["gradient_accumulation_steps"])
     )
@@ -166,6 +167,7 @@ def train_lora(
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         packing=False,
+        ddp_find_unused_parameters=False,
         dataset_num_proc=None,
     )
     lora_config = LoraConfig(

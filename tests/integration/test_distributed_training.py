@@ -1,0 +1,143 @@
+"""Data-parallel training through torchrun: 2 CPU ranks on gloo, with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.corpus import arithmetic_rows
+from tests.fixtures.env import MODEL_CACHE
+from worker.distributed import (
+    LAUNCHER_LOG,
+    PROGRESS_FILE,
+    RUN_DIR_NAME,
+    STOP_FILE,
+    rank_marker,
+    run_distributed,
+)
+from worker.training import ProgressUpdate, TrainingHooks, TrainingSpec
+
+HYPERPARAMETERS: dict[str, Any] = {
+    "n_epochs": 1,
+    "learning_rate": 1e-3,
+    "batch_size": 2,
+    "gradient_accumulation_steps": 1,
+    "max_seq_length": 64,
+    "warmup_ratio": 0.0,
+    "lr_scheduler": "linear",
+    "weight_decay": 0.0,
+    "seed": 1,
+}
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def _spec(tiny_model: str, **overrides: Any) -> TrainingSpec:
+    return TrainingSpec(
+        model_location=str(MODEL_CACHE / tiny_model),
+        hyperparameters={**HYPERPARAMETERS, **overrides},
+        lora=LORA,
+    )
+
+
+def _markers(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(rank_marker(run_dir, rank).read_text()) for rank in (0, 1)]
+
+
+def test_two_gloo_ranks_train_one_adapter(tiny_model: str, tmp_path: Path) -> None:
+    updates: list[ProgressUpdate] = []
+    result = run_distributed(
+        _spec(tiny_model),
+        arithmetic_rows(16),
+        None,
+        tmp_path,
+        TrainingHooks(on_progress=updates.append),
+        processes=2,
+    )
+
+    # 16 rows, 2 per rank per step, 2 ranks: each rank gets 8 rows, so 4 steps per epoch.
+    assert result.steps == result.total_steps == 4
+    assert not result.stopped_early
+    assert result.train_loss is not None and result.train_loss > 0
+    assert result.trained_tokens > 16 * 10  # gathered over both ranks
+
+    run_dir = tmp_path / RUN_DIR_NAME
+    ranks = _markers(run_dir)
+    assert [marker["rank"] for marker in ranks] == [0, 1]
+    for marker in ranks:
+        assert marker["world_size"] == 2
+        assert marker["backend"] == "gloo"
+        assert marker["threads"] >= 1
+        assert marker["steps"] == 4 and not marker["stopped_early"]
+        assert marker["examples"] == 8  # half of the rows each: the data was sharded
+        assert marker["tokens"] > 8 * 10
+        assert marker["lora_b_abs_sum"] > 0
+    # DDP all-reduced the gradients: both replicas ended with the same weights.
+    assert ranks[0]["lora_checksum"] == pytest.approx(ranks[1]["lora_checksum"], rel=1e-6)
+    assert ranks[0]["examples"] + ranks[1]["examples"] == 16
+
+    # Exactly one adapter, saved by rank 0 where train_lora saves it.
+    adapters = [path.parent for path in tmp_path.rglob("adapter_model.safetensors")]
+    assert adapters == [tmp_path / "adapter"]
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in weights.items() if "lora_B" in name]
+    assert lora_b and all(tensor.abs().sum() > 0 for tensor in lora_b)
+
+    # Rank 0's progress reached the caller's hooks, in this process.
+    assert updates
+    steps = [update.step for update in updates if update.train_loss is not None]
+    assert steps == [1, 2, 3, 4]
+    assert all(update.total_steps == 4 for update in updates)
+
+    # The records were removed; the markers, progress and log stay for inspection.
+    assert not (run_dir / "train.json").exists() and not (run_dir / "eval.json").exists()
+    assert (run_dir / PROGRESS_FILE).is_file() and (run_dir / LAUNCHER_LOG).is_file()
+
+
+@pytest.mark.timeout(120)
+def test_stop_request_stops_every_rank_at_the_same_step(tiny_model: str, tmp_path: Path) -> None:
+    updates: list[ProgressUpdate] = []
+    # 400 steps if nothing stopped it: far more than the time the stop takes to arrive.
+    spec = _spec(tiny_model, n_epochs=100)
+    started = time.monotonic()
+    result = run_distributed(
+        spec,
+        arithmetic_rows(16),
+        None,
+        tmp_path,
+        TrainingHooks(on_progress=updates.append, should_stop=lambda: bool(updates)),
+        processes=2,
+        poll_interval=0.2,
+    )
+    elapsed = time.monotonic() - started
+
+    assert result.stopped_early  # and the launcher exited 0, or run_distributed would raise
+    assert result.total_steps == 400
+    assert 1 <= result.steps < result.total_steps
+    assert elapsed < 90
+    run_dir = tmp_path / RUN_DIR_NAME
+    assert (run_dir / STOP_FILE).exists()
+    ranks = _markers(run_dir)
+    assert all(marker["stop_seen"] and marker["stopped_early"] for marker in ranks)
+    assert ranks[0]["steps"] == ranks[1]["steps"] == result.steps
+    assert not (tmp_path / "adapter").exists()
+    assert not list(tmp_path.rglob("adapter_model.safetensors"))
+    assert updates
+
+
+def test_a_failing_launch_raises_with_the_ranks_output(tmp_path: Path) -> None:
+    spec = TrainingSpec(
+        model_location=str(tmp_path / "no-such-model"),
+        hyperparameters=HYPERPARAMETERS,
+        lora=LORA,
+    )
+    with pytest.raises(RuntimeError, match="launcher exited with") as failure:
+        run_distributed(spec, arithmetic_rows(4), None, tmp_path, TrainingHooks(), processes=2)
+    # The failing rank's own error comes first, its traceback after.
+    first_line = str(failure.value).splitlines()[0]
+    assert "OSError" in first_line and "no-such-model" in first_line
+    assert not (tmp_path / RUN_DIR_NAME / "train.json").exists()
