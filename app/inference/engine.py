@@ -76,7 +76,11 @@ class InferenceEngine:
         while len(self._models) >= BASE_MODELS_KEPT:
             evicted, _ = self._models.popitem(last=False)
             logger.info("unloaded base model %s", evicted)
+        import torch
+
         model = load_causal_lm(self.settings, base_model)
+        if torch.cuda.is_available():  # ROCm and CUDA both answer here
+            model.to("cuda")
         model.eval()  # type: ignore[no-untyped-call]
         tokenizer = load_tokenizer(self.settings, base_model)
         context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
@@ -112,8 +116,10 @@ class InferenceEngine:
             text = tokenizer.apply_chat_template(
                 request.messages, add_generation_prompt=True, tokenize=False
             )
-            return tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        return tokenizer(request.prompt, return_tensors="pt")
+            encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            encoded = tokenizer(request.prompt, return_tensors="pt")
+        return encoded.to(loaded.model.device)
 
     def generate(self, request: Generation) -> GenerationResult:
         import torch

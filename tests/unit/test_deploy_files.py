@@ -220,9 +220,15 @@ def test_app_service_commands_are_real_tuneserve_commands(
     assert command.name == expected[-1]
 
 
-def test_worker_consumes_the_training_queue() -> None:
+def test_worker_consumes_the_default_and_its_accelerator_queue() -> None:
+    from app.jobs.schemas import AcceleratorClass
+    from app.jobs.service import queue_for
+    from app.settings import Settings
+
     words = command_words(services()["worker"])
-    assert words[words.index("--queues") + 1].split(",") == ["training"]
+    queues = words[words.index("--queues") + 1].split(",")
+    settings = Settings()
+    assert queues == [queue_for(None, settings), queue_for(AcceleratorClass.ROCM, settings)]
 
 
 def test_worker_gets_the_rocm_devices_and_one_gpu() -> None:
