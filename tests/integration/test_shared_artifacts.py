@@ -110,4 +110,3 @@ def test_api_and_worker_share_artifacts_only_through_s3(
         api_dir / "artifact-cache" / "adapters" / adapter_id / "adapter_model.safetensors"
     ).is_file()
     assert not (worker_dir / "artifacts" / "files").exists()
-    assert MODEL_CACHE.is_dir()
