@@ -80,7 +80,7 @@ class InferenceEngine:
 
         model = load_causal_lm(self.settings, base_model)
         if torch.cuda.is_available():  # ROCm and CUDA both answer here
-            model.to("cuda")
+            model.to(torch.device("cuda"))  # type: ignore[arg-type]
         model.eval()  # type: ignore[no-untyped-call]
         tokenizer = load_tokenizer(self.settings, base_model)
         context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
