@@ -3,6 +3,6 @@
 from app.adapters.models import Adapter
 from app.db import Base
 from app.files.models import File
-from app.jobs.models import Job, JobEvent, JobMetric
+from app.jobs.models import Job, JobCheckpoint, JobEvent, JobMetric
 
-__all__ = ["Adapter", "Base", "File", "Job", "JobEvent", "JobMetric"]
+__all__ = ["Adapter", "Base", "File", "Job", "JobCheckpoint", "JobEvent", "JobMetric"]
