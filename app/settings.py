@@ -94,6 +94,15 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest max_new_tokens a generation may ask for."
     )
+    checkpoint_every_steps: int = Field(
+        default=50, ge=1, description="A running job saves a checkpoint every N steps…"
+    )
+    checkpoint_every_minutes: float = Field(
+        default=10.0, gt=0, description="…and at least this often (minutes)."
+    )
+    checkpoints_kept: int = Field(
+        default=3, ge=1, description="Newest checkpoints kept per job (older ones are deleted)."
+    )
     default_queue: str = Field(
         default="training",
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",

@@ -61,14 +61,14 @@ class Heartbeat:
                 select(Job.status, Job.worker, Job.cancel_requested_at).where(Job.id == self.job_id)
             ).one_or_none()
         if row is None:
-            self._stop("claim_lost")
+            self.request_stop("claim_lost")
         elif row.cancel_requested_at is not None:
-            self._stop("cancelled")
+            self.request_stop("cancelled")
         elif row.status not in ACTIVE_STATUSES or row.worker != self.worker_id:
             # The reaper gave the job to another attempt (we looked dead): stop training it.
-            self._stop("claim_lost")
+            self.request_stop("claim_lost")
 
-    def _stop(self, reason: str) -> None:
+    def request_stop(self, reason: str) -> None:
         if not self.stop_requested.is_set():
             self.reason = reason
             self.stop_requested.set()

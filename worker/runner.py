@@ -10,13 +10,19 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError
 
 from app.adapters.models import Adapter
 from app.base_models.loading import BaseModelUnavailable, model_location
@@ -25,14 +31,17 @@ from app.db import unit_of_work, utcnow
 from app.errors import TuneserveError
 from app.ids import new_id
 from app.jobs.events import append_event
-from app.jobs.models import Job, JobMetric, JobStatus
+from app.jobs.models import ACTIVE_STATUSES, Job, JobMetric, JobStatus
 from app.jobs.transitions import transition
 from app.settings import Settings, get_settings
 from app.storage import artifact_store
+from worker.celery_app import enqueue_job
+from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
 from worker.datasets import DatasetFacts, JobFailure, prepare_datasets
 from worker.devices import Device, detect_device
 from worker.distributed import node_processes, run_distributed
 from worker.heartbeat import Heartbeat
+from worker.sql import with_retries
 from worker.training import ProgressUpdate, TrainingHooks, TrainingSpec, train_lora
 
 logger = logging.getLogger(__name__)
@@ -50,30 +59,71 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def is_dead_here(worker: str | None) -> bool:
+    """True when `worker` (host:pid) was a process on this host that no longer exists."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 def claim(job_id: str, me: str) -> Job | None:
-    """Atomically take a queued job; None when another delivery already took it."""
+    """Atomically take a queued job; None when another delivery already took it.
+
+    A message delivered again because its worker process died (kill -9, OOM) finds its job still
+    `running` under the dead process's id: that job is taken over at once instead of waiting
+    for the scheduler to notice the silent heartbeat.
+    """
     now = utcnow()
-    with unit_of_work() as session:
-        attempt = (session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0) + 1
-        claimed = transition(
-            session,
-            job_id,
-            JobStatus.VALIDATING,
-            f"Claimed by worker {me} (attempt {attempt}).",
-            data={"worker": me, "attempt": attempt},
-            values={
-                "attempt": Job.attempt + 1,
-                "worker": me,
-                "heartbeat_at": now,
-                "started_at": func.coalesce(Job.started_at, now),
-            },
-        )
-        return session.get(Job, job_id) if claimed else None
+
+    def take() -> Job | None:
+        with unit_of_work() as session:
+            current = session.execute(
+                select(Job.attempt, Job.status, Job.worker).where(Job.id == job_id)
+            ).one_or_none()
+            if current is None:
+                return None
+            takeover = current.status in ACTIVE_STATUSES and is_dead_here(current.worker)
+            attempt = current.attempt + 1
+            message = f"Claimed by worker {me} (attempt {attempt})."
+            if takeover:
+                message = f"Worker {current.worker} died; taken over by {me} (attempt {attempt})."
+            claimed = transition(
+                session,
+                job_id,
+                JobStatus.VALIDATING,
+                message,
+                only_from=ACTIVE_STATUSES if takeover else frozenset({JobStatus.QUEUED}),
+                claimed_by=current.worker if takeover else None,
+                data={"worker": me, "attempt": attempt, "took_over_from": current.worker}
+                if takeover
+                else {"worker": me, "attempt": attempt},
+                values={
+                    "attempt": Job.attempt + 1,
+                    "worker": me,
+                    "heartbeat_at": now,
+                    "started_at": func.coalesce(Job.started_at, now),
+                },
+            )
+            return session.get(Job, job_id) if claimed else None
+
+    return with_retries(take, what=f"claim job {job_id}")
 
 
 def event(job_id: str, type: str, message: str, **data: Any) -> None:
-    with unit_of_work() as session:
-        append_event(session, job_id, type, message, data=data or None)
+    def write() -> None:
+        with unit_of_work() as session:
+            append_event(session, job_id, type, message, data=data or None)
+
+    with_retries(write, what=f"log {type}")
 
 
 class ProgressWriter:
@@ -82,23 +132,23 @@ class ProgressWriter:
     def __init__(self, job_id: str, interval: float) -> None:
         self.job_id = job_id
         self.interval = interval
-        self.pending: list[JobMetric] = []
+        self.pending: list[dict[str, Any]] = []
         self.progress: dict[str, Any] = {}
         self.last_write = 0.0
 
     def __call__(self, update_: ProgressUpdate) -> None:
         if update_.train_loss is not None or update_.eval_loss is not None:
             self.pending.append(
-                JobMetric(
-                    job_id=self.job_id,
-                    step=update_.step,
-                    epoch=update_.epoch,
-                    train_loss=update_.train_loss,
-                    eval_loss=update_.eval_loss,
-                    lr=update_.learning_rate,
-                    tokens_per_second=update_.tokens_per_second,
-                    created_at=utcnow(),
-                )
+                {
+                    "job_id": self.job_id,
+                    "step": update_.step,
+                    "epoch": update_.epoch,
+                    "train_loss": update_.train_loss,
+                    "eval_loss": update_.eval_loss,
+                    "lr": update_.learning_rate,
+                    "tokens_per_second": update_.tokens_per_second,
+                    "created_at": utcnow(),
+                }
             )
         self.progress = {
             **self.progress,
@@ -120,15 +170,25 @@ class ProgressWriter:
         if time.monotonic() - self.last_write >= self.interval:
             self.flush()
 
-    def flush(self) -> None:
-        with unit_of_work() as session:
-            session.add_all(self.pending)
-            if self.progress:
-                session.execute(
-                    update(Job).where(Job.id == self.job_id).values(progress=self.progress)
-                )
-        self.pending = []
+    def flush(self, *, must: bool = False) -> None:
+        """Write what is pending. While the database is away, training goes on and the points
+        wait for the next flush; `must` (the last flush) retries until they are written."""
+
+        def write() -> None:
+            with unit_of_work() as session:
+                session.add_all([JobMetric(**point) for point in self.pending])
+                if self.progress:
+                    session.execute(
+                        update(Job).where(Job.id == self.job_id).values(progress=self.progress)
+                    )
+
         self.last_write = time.monotonic()
+        try:
+            with_retries(write, what="write progress", seconds=120 if must else 0)
+        except DBAPIError:
+            logger.warning("job %s: progress not written yet; will retry", self.job_id)
+            return
+        self.pending = []
 
 
 @dataclass
@@ -137,6 +197,7 @@ class JobContext:
     settings: Settings
     heartbeat: Heartbeat
     worker_id: str
+    checkpoints: CheckpointKeeper | None = None
 
     @property
     def workdir(self) -> Path:
@@ -154,12 +215,15 @@ def run_job(job_id: str) -> None:
     if job is None:
         logger.info("job %s was not claimable (already taken, cancelled or gone)", job_id)
         return
-    with Heartbeat(job_id, me, settings.heartbeat_interval_seconds) as heartbeat:
+    with (
+        Heartbeat(job_id, me, settings.heartbeat_interval_seconds) as heartbeat,
+        _shutdown_hands_back(heartbeat),
+    ):
         context = JobContext(job=job, settings=settings, heartbeat=heartbeat, worker_id=me)
         try:
             _run_claimed(context)
         except JobStopped as stop:
-            _finish_stopped(job_id, me, stop.reason)
+            _finish_stopped(context, stop.reason)
         except JobFailure as failure:
             _fail(job_id, me, failure.code, failure.message, failure.detail)
         except TuneserveError as error:
@@ -169,6 +233,28 @@ def run_job(job_id: str) -> None:
             _fail(job_id, me, *_describe_crash(exc))
         finally:
             shutil.rmtree(context.workdir / "trainer", ignore_errors=True)
+
+
+@contextmanager
+def _shutdown_hands_back(heartbeat: Heartbeat) -> Iterator[None]:
+    """While a job runs, SIGTERM (a worker asked to stop) makes it checkpoint and go back to the
+    queue; the worker then goes on with its own shutdown."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (solo pool)
+        return
+    received: list[int] = []
+
+    def on_sigterm(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        heartbeat.request_stop("shutdown")
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if received:
+            signal.raise_signal(signal.SIGTERM)  # now Celery's own warm shutdown
 
 
 def _describe_crash(exc: Exception) -> tuple[str, str, Any]:
@@ -246,15 +332,40 @@ def _run_claimed(context: JobContext) -> None:
     if not started:
         raise JobStopped("claim_lost")
 
+    hp = job.hyperparameters
+    resume_from = None
+    checkpoint = latest_checkpoint(job.id)
+    if checkpoint is not None:
+        resume_from = str(restore(checkpoint, settings, context.workdir / "trainer"))
+        event(
+            job.id,
+            "job.resumed",
+            f"Resuming from the checkpoint at step {checkpoint.step} (attempt {job.attempt}).",
+            step=checkpoint.step,
+            checkpoint=checkpoint.id,
+        )
     writer = ProgressWriter(job.id, settings.progress_interval_seconds)
+    kept = hp.get("checkpoints_kept") or settings.checkpoints_kept
     spec = TrainingSpec(
         model_location=location,
-        hyperparameters=job.hyperparameters,
+        hyperparameters=hp,
         lora=job.lora,
         model_kwargs=prepared.model_kwargs,
         bf16=bf16,
+        checkpoint_every_steps=hp.get("checkpoint_every_steps") or settings.checkpoint_every_steps,
+        checkpoint_every_minutes=hp.get("checkpoint_every_minutes")
+        or settings.checkpoint_every_minutes,
+        checkpoints_kept=kept,
+        resume_from=resume_from,
     )
-    hooks = TrainingHooks(on_progress=writer, should_stop=context.heartbeat.stop_requested.is_set)
+    heartbeat = context.heartbeat
+    context.checkpoints = CheckpointKeeper(job.id, settings, kept)
+    hooks = TrainingHooks(
+        on_progress=writer,
+        should_stop=heartbeat.stop_requested.is_set,
+        checkpoint_before_stop=lambda: heartbeat.reason == "shutdown",
+        on_checkpoint=context.checkpoints,
+    )
     if processes > 1:
         event(job.id, "job.distributed", f"Data-parallel training on {processes} processes.")
         result = run_distributed(
@@ -264,47 +375,69 @@ def _run_claimed(context: JobContext) -> None:
         result = train_lora(
             spec, prepared.train_records, prepared.eval_records, context.workdir, hooks
         )
-    writer.flush()
+    writer.flush(must=True)
     context.check_stop()
     if result.stopped_early:
         raise JobStopped("cancelled")
 
     adapter = _register_adapter(context)
-    with unit_of_work() as session:
-        final = {
-            **writer.progress,
-            "step": result.steps,
-            "total_steps": result.total_steps,
-            "eta_seconds": 0.0,
-            "trained_tokens": result.trained_tokens,
-        }
-        if result.eval_loss is not None:
-            final["eval_loss"] = result.eval_loss
-        session.add(adapter)
-        session.flush()
-        succeeded = transition(
-            session,
-            job.id,
-            JobStatus.SUCCEEDED,
-            f"Training finished in {result.seconds:.0f} s; adapter {adapter.id} ({adapter.name}).",
-            only_from=frozenset({JobStatus.RUNNING}),
-            claimed_by=context.worker_id,
-            data={
-                "adapter": adapter.id,
-                "mean_train_loss": result.train_loss,
-                "eval_loss": result.eval_loss,
-                "trained_tokens": result.trained_tokens,
-                "seconds": round(result.seconds, 1),
-            },
-            values={"progress": final},
-        )
-        if not succeeded:
-            session.rollback()
-            artifact_store(settings).delete(adapter.path)
-            raise JobStopped("claim_lost")
+    final = {
+        **writer.progress,
+        "step": result.steps,
+        "total_steps": result.total_steps,
+        "eta_seconds": 0.0,
+        "trained_tokens": result.trained_tokens,
+    }
+    if result.eval_loss is not None:
+        final["eval_loss"] = result.eval_loss
+
+    def succeed() -> bool:
+        with unit_of_work() as session:
+            session.add(adapter.row())
+            session.flush()
+            succeeded = transition(
+                session,
+                job.id,
+                JobStatus.SUCCEEDED,
+                f"Training finished in {result.seconds:.0f} s; "
+                f"adapter {adapter.id} ({adapter.name}).",
+                only_from=frozenset({JobStatus.RUNNING}),
+                claimed_by=context.worker_id,
+                data={
+                    "adapter": adapter.id,
+                    "mean_train_loss": result.train_loss,
+                    "eval_loss": result.eval_loss,
+                    "trained_tokens": result.trained_tokens,
+                    "seconds": round(result.seconds, 1),
+                },
+                values={"progress": final},
+            )
+            if not succeeded:
+                session.rollback()
+            return succeeded
+
+    if not with_retries(succeed, what=f"finish job {job.id}"):
+        artifact_store(settings).delete(adapter.path)
+        raise JobStopped("claim_lost")
 
 
-def _register_adapter(context: JobContext) -> Adapter:
+@dataclass(frozen=True)
+class NewAdapter:
+    id: str
+    owner: str
+    job_id: str
+    base_model: str
+    name: str
+    path: str
+    sha256: str
+    size_bytes: int
+    rank: int
+
+    def row(self) -> Adapter:
+        return Adapter(**self.__dict__, created_at=utcnow())
+
+
+def _register_adapter(context: JobContext) -> NewAdapter:
     """Publish the saved adapter to the artifact store and build its row."""
     job, settings = context.job, context.settings
     adapter_id = new_id("adapter")
@@ -314,7 +447,7 @@ def _register_adapter(context: JobContext) -> Adapter:
     key = f"adapters/{adapter_id}"
     artifact_store(settings).put_dir(local, key)
     shutil.rmtree(local, ignore_errors=True)
-    return Adapter(
+    return NewAdapter(
         id=adapter_id,
         owner=job.owner,
         job_id=job.id,
@@ -324,27 +457,63 @@ def _register_adapter(context: JobContext) -> Adapter:
         sha256=digest,
         size_bytes=size,
         rank=int(job.lora["r"]),
-        created_at=utcnow(),
     )
 
 
-def _finish_stopped(job_id: str, me: str, reason: str) -> None:
+def _finish_stopped(context: JobContext, reason: str) -> None:
+    job_id, me = context.job.id, context.worker_id
     if reason == "claim_lost":
-        logger.warning(
-            "job %s: this worker lost its claim; leaving the job to its new attempt", job_id
-        )
+        logger.warning("job %s: this worker lost its claim; leaving it to its new attempt", job_id)
         return
-    with unit_of_work() as session:
-        transition(
-            session,
-            job_id,
-            JobStatus.CANCELLED,
-            "Cancelled by request; training stopped.",
-            claimed_by=me,
-        )
+    if reason == "shutdown":
+        _hand_back(context)
+        return
+
+    def cancel() -> None:
+        with unit_of_work() as session:
+            transition(
+                session,
+                job_id,
+                JobStatus.CANCELLED,
+                "Cancelled by request; training stopped.",
+                claimed_by=me,
+            )
+
+    with_retries(cancel, what=f"cancel job {job_id}")
+
+
+def _hand_back(context: JobContext) -> None:
+    """Back to the queue, not counted as an attempt; the next worker resumes from the checkpoint
+    saved on the way out."""
+    job = context.job
+    step = context.checkpoints.last_step if context.checkpoints else None
+    saved = f"checkpoint at step {step} saved" if step is not None else "no checkpoint yet"
+    queued = False
+
+    def hand_back() -> None:
+        nonlocal queued
+        with unit_of_work() as session:
+            queued = transition(
+                session,
+                job.id,
+                JobStatus.QUEUED,
+                f"Worker {context.worker_id} is shutting down: {saved}; queued again.",
+                level="warning",
+                claimed_by=context.worker_id,
+                data={"checkpoint_step": step, "reason": "worker_shutdown"},
+                values={"worker": None, "enqueued_at": utcnow(), "attempt": Job.attempt - 1},
+            )
+
+    with_retries(hand_back, what=f"hand job {job.id} back")
+    if queued:
+        enqueue_job(job.id, job.queue)
 
 
 def _fail(job_id: str, me: str, code: str, message: str, detail: Any = None) -> None:
+    with_retries(lambda: _write_failure(job_id, me, code, message, detail), what="fail a job")
+
+
+def _write_failure(job_id: str, me: str, code: str, message: str, detail: Any) -> None:
     with unit_of_work() as session:
         transition(
             session,

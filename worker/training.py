@@ -24,6 +24,18 @@ class TrainingSpec:
     lora: dict[str, Any]
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     bf16: bool = False
+    checkpoint_every_steps: int = 50
+    checkpoint_every_minutes: float = 10.0
+    checkpoints_kept: int = 3
+    resume_from: str | None = None  # a local checkpoint directory to continue from
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    epoch: float
+    directory: Path  # LoRA weights + optimizer, scheduler, RNG and trainer state
+    train_loss: float | None
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,9 @@ class TrainingHooks:
 
     on_progress: Callable[[ProgressUpdate], None] = lambda _update: None
     should_stop: Callable[[], bool] = lambda: False
+    # Asked when stopping: save a checkpoint first (a worker shutting down hands the job back).
+    checkpoint_before_stop: Callable[[], bool] = lambda: False
+    on_checkpoint: Callable[[Checkpoint], None] = lambda _checkpoint: None
 
 
 @dataclass(frozen=True)
@@ -57,7 +72,7 @@ class TrainingResult:
     seconds: float
 
 
-def _make_callback(hooks: TrainingHooks) -> Any:
+def _make_callback(spec: TrainingSpec, hooks: TrainingHooks) -> Any:
     from transformers import TrainerCallback
 
     class ReportingCallback(TrainerCallback):
@@ -65,15 +80,37 @@ def _make_callback(hooks: TrainingHooks) -> Any:
 
         def __init__(self) -> None:
             self.started = time.monotonic()
+            self.last_saved = time.monotonic()
             self.last_loss: float | None = None
+            self.first_step = 0
+            self.first_tokens = 0
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
             # Time from the first step on: model loading and tokenizing are not training speed.
+            # A resumed run starts at its checkpoint's step and token count.
             self.started = time.monotonic()
+            self.first_step = state.global_step
+            self.first_tokens = getattr(state, "num_input_tokens_seen", 0) or 0
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
             if hooks.should_stop():
                 control.should_training_stop = True
+                control.should_save = hooks.checkpoint_before_stop()
+            elif time.monotonic() - self.last_saved >= spec.checkpoint_every_minutes * 60:
+                control.should_save = True
+
+        def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
+            self.last_saved = time.monotonic()
+            if state.is_world_process_zero:
+                directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                hooks.on_checkpoint(
+                    Checkpoint(
+                        step=state.global_step,
+                        epoch=float(state.epoch or 0.0),
+                        directory=directory,
+                        train_loss=self.last_loss,
+                    )
+                )
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:  # noqa: ARG002
             logs = logs or {}
@@ -81,8 +118,9 @@ def _make_callback(hooks: TrainingHooks) -> Any:
                 self.last_loss = float(logs["loss"])
             elapsed = max(time.monotonic() - self.started, 1e-9)
             step, total = state.global_step, max(state.max_steps, 1)
-            tokens = getattr(state, "num_input_tokens_seen", 0) or 0
-            eta = (total - step) * elapsed / step if step else None
+            tokens = (getattr(state, "num_input_tokens_seen", 0) or 0) - self.first_tokens
+            done = step - self.first_step
+            eta = (total - step) * elapsed / done if done > 0 else None
             hooks.on_progress(
                 ProgressUpdate(
                     step=step,
@@ -97,6 +135,12 @@ def _make_callback(hooks: TrainingHooks) -> Any:
             )
 
     return ReportingCallback()
+
+
+def _eval_strategy(has_eval: bool, every_steps: int | None) -> str:
+    if not has_eval:
+        return "no"
+    return "steps" if every_steps else "epoch"
 
 
 def total_steps(rows: int, hyperparameters: dict[str, Any], world_size: int = 1) -> int:
@@ -160,8 +204,11 @@ def train_lora(
         bf16=spec.bf16,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
-        eval_strategy="epoch" if eval_dataset is not None else "no",
-        save_strategy="no",
+        eval_strategy=_eval_strategy(eval_dataset is not None, hp.get("eval_every_steps")),
+        eval_steps=hp.get("eval_every_steps"),
+        save_strategy="steps",
+        save_steps=spec.checkpoint_every_steps,
+        save_total_limit=spec.checkpoints_kept,
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
@@ -185,9 +232,9 @@ def train_lora(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config,
-        callbacks=[_make_callback(hooks), *(extra_callbacks or [])],
+        callbacks=[_make_callback(spec, hooks), *(extra_callbacks or [])],
     )
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=spec.resume_from)
     state = trainer.state
     stopped_early = state.global_step < state.max_steps
 

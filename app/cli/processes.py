@@ -29,17 +29,17 @@ def api_command(host: str, port: int) -> list[str]:
     ]
 
 
-def worker_arguments(queues: Sequence[str], concurrency: int = 1) -> list[str]:
+def worker_arguments(queues: Sequence[str]) -> list[str]:
+    # The solo pool runs the job in the worker process itself: one job per worker (per GPU), and
+    # a SIGTERM reaches the job, which checkpoints and hands itself back before the worker exits.
     return [
         "worker",
         "--loglevel",
         "INFO",
         "--queues",
         ",".join(queues),
-        "--concurrency",
-        str(concurrency),
         "--pool",
-        "prefork",
+        "solo",
         "--without-gossip",
         "--without-mingle",
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Header, Query, Response, UploadFile
 
 from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.files.repository import get_file, list_files
@@ -14,23 +14,56 @@ from app.files.service import store_upload
 router = APIRouter(prefix="/files", tags=["files"])
 
 
-@router.post("", status_code=201, response_model=FileView, summary="Upload a dataset file")
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Makes retries safe: 1 to 200 printable ASCII characters, unique per "
+        "upload (a UUID). A repeat with the same key, filename, purpose and bytes answers 200 "
+        "with the file the first one stored and `Idempotent-Replayed: true`; the key on a "
+        "different upload is a 409 `idempotency_key_reused`.",
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FileView,
+    summary="Upload a dataset file",
+    responses={
+        200: {
+            "model": FileView,
+            "description": "A retry with the same Idempotency-Key and upload: the file the "
+            "first request stored, with the header `Idempotent-Replayed: true`.",
+        },
+        409: {"description": "The Idempotency-Key was used for a different upload."},
+    },
+)
 def upload_file(
     file: UploadFile,
+    response: Response,
     session: SessionDep,
     owner: CurrentOwner,
     settings: SettingsDep,
     purpose: Annotated[str, Form()] = "fine-tune",
+    idempotency_key: IdempotencyKey = None,
 ) -> FileView:
-    stored = store_upload(
+    """Store a dataset file (201) for `dataset_url: "file-…"`. Send an `Idempotency-Key` header
+    to make retries safe: the same key with the same upload returns the stored file."""
+    upload = store_upload(
         session,
         owner=owner,
         stream=file.file,
         filename=file.filename,
         purpose=purpose,
         settings=settings,
+        idempotency_key=idempotency_key,
     )
-    return FileView.model_validate(stored)
+    if upload.replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return FileView.model_validate(upload.file)
 
 
 @router.get("", response_model=FileList, summary="List uploaded files")

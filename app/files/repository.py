@@ -19,6 +19,10 @@ def get_file(session: Session, *, owner: str, file_id: str) -> File:
     return file
 
 
+def get_file_by_idempotency_key(session: Session, *, owner: str, key: str) -> File | None:
+    return session.scalar(select(File).where(File.owner == owner, File.idempotency_key == key))
+
+
 def list_files(session: Session, *, owner: str, limit: int) -> list[File]:
     query = select(File).where(File.owner == owner).order_by(File.created_at.desc()).limit(limit)
     return list(session.scalars(query))

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db import utcnow
-from app.errors import InvalidRequest, PayloadTooLarge
+from app.errors import (
+    IdempotencyKeyReused,
+    InvalidRequest,
+    PayloadTooLarge,
+    check_idempotency_key,
+)
 from app.files.models import File
+from app.files.repository import get_file_by_idempotency_key
 from app.ids import new_id
 from app.settings import Settings
 from app.storage import artifact_store
@@ -27,6 +36,30 @@ def safe_filename(name: str | None) -> str:
     return cleaned[:200]
 
 
+class Upload(NamedTuple):
+    file: File
+    replayed: bool  # True: an earlier request with the same Idempotency-Key stored the file
+
+
+def request_hash(*, filename: str | None, purpose: str, sha256: str) -> str:
+    canonical = json.dumps(
+        {"filename": filename, "purpose": purpose, "sha256": sha256},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(file: File, *, key: str, request_hash: str) -> Upload:
+    if file.request_hash != request_hash:
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {key!r} was already used for a different request (it stored file "
+            f"{file.id}); use a new key for a new request.",
+            detail={"header": "Idempotency-Key", "file_id": file.id},
+        )
+    return Upload(file, replayed=True)
+
+
 def store_upload(
     session: Session,
     *,
@@ -35,7 +68,15 @@ def store_upload(
     filename: str | None,
     purpose: str,
     settings: Settings,
-) -> File:
+    idempotency_key: str | None = None,
+) -> Upload:
+    """Store the upload and its row.
+
+    With an idempotency key, a retry of the same upload (same name, purpose and bytes) gets the
+    file the first one stored (`replayed`, the bytes just received are dropped); the same key
+    on a different upload is a 409.
+    """
+    key = check_idempotency_key(idempotency_key)
     if purpose not in PURPOSES:
         raise InvalidRequest(
             f"purpose {purpose!r} is not supported; use one of {', '.join(PURPOSES)}.",
@@ -60,9 +101,11 @@ def store_upload(
             chunk = stream.read(CHUNK)
 
     file_id = new_id("file")
-    key = f"files/{file_id}"
+    path = f"files/{file_id}"
+    store = artifact_store(settings)
     # The store publishes the file only once every chunk is in: a refused upload leaves nothing.
-    size, sha256 = artifact_store(settings).write_stream(key, chunks())
+    # The request's hash needs the bytes' sha256, so even a retry is stored before it is known.
+    size, sha256 = store.write_stream(path, chunks())
     file = File(
         id=file_id,
         owner=owner,
@@ -70,9 +113,37 @@ def store_upload(
         bytes=size,
         sha256=sha256,
         purpose=purpose,
-        path=key,
+        path=path,
         created_at=utcnow(),
     )
-    session.add(file)
-    session.flush()
-    return file
+    if key is None:
+        session.add(file)
+        session.flush()
+        return Upload(file, replayed=False)
+    file.idempotency_key = key
+    file.request_hash = request_hash(filename=filename, purpose=purpose, sha256=sha256)
+    try:
+        upload = _add_keyed(session, file, owner=owner, key=key, request_hash=file.request_hash)
+    except BaseException:
+        store.delete(path)
+        raise
+    if upload.replayed:
+        store.delete(path)  # the first request's copy is the file
+    return upload
+
+
+def _add_keyed(session: Session, file: File, *, owner: str, key: str, request_hash: str) -> Upload:
+    earlier = get_file_by_idempotency_key(session, owner=owner, key=key)
+    if earlier is None:
+        try:
+            # A savepoint, so losing the race on UNIQUE(owner, idempotency_key) to an identical
+            # upload leaves the request's session usable for reading the winner.
+            with session.begin_nested():
+                session.add(file)
+                session.flush()
+            return Upload(file, replayed=False)
+        except IntegrityError:
+            earlier = get_file_by_idempotency_key(session, owner=owner, key=key)
+            if earlier is None:
+                raise
+    return _replay(earlier, key=key, request_hash=request_hash)

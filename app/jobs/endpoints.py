@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.jobs import repository, service
@@ -22,13 +24,50 @@ from app.jobs.schemas import (
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Makes retries safe: 1 to 200 printable ASCII characters, unique per "
+        "request (a UUID). A repeat of the same request with the same key answers 200 with the "
+        "job the first one created and `Idempotent-Replayed: true`; the key on a different "
+        "request is a 409 `idempotency_key_reused`.",
+    ),
+]
 
-@router.post("", status_code=201, response_model=JobView, summary="Submit a fine-tuning job")
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobView,
+    summary="Submit a fine-tuning job",
+    responses={
+        200: {
+            "model": JobView,
+            "description": "A retry with the same Idempotency-Key and body: the job the first "
+            "request created, with the header `Idempotent-Replayed: true`. Nothing new is queued.",
+        },
+        409: {"description": "The Idempotency-Key was used for a different request."},
+    },
+)
 def create_job(
-    request: CreateJobRequest, session: SessionDep, owner: CurrentOwner, settings: SettingsDep
+    request: CreateJobRequest,
+    response: Response,
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobView:
-    job = service.create_job(session, owner=owner, request=request, settings=settings)
-    return service.to_view(job, None)
+    """Queue a LoRA fine-tuning job (201). Send an `Idempotency-Key` header to make retries
+    safe: the same key with the same body returns the existing job instead of a second one."""
+    submission = service.create_job(
+        session, owner=owner, request=request, settings=settings, idempotency_key=idempotency_key
+    )
+    if submission.replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        return service.views(session, [submission.job])[0]
+    return service.to_view(submission.job, None)
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
@@ -80,3 +119,59 @@ def job_metrics(job_id: str, session: SessionDep, owner: CurrentOwner) -> Metric
     repository.get_job(session, owner=owner, job_id=job_id)
     points = repository.list_metrics(session, job_id)
     return MetricList(data=[MetricPoint.model_validate(point) for point in points])
+
+
+async def _server_sent(events: AsyncIterator[JobEventView | None]) -> AsyncIterator[str]:
+    async for event in events:
+        if event is None:
+            yield ": keep-alive\n\n"
+        else:
+            yield f"id: {event.seq}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
+
+
+@router.get(
+    "/{job_id}/events/stream",
+    response_class=StreamingResponse,
+    summary="Follow a job's events live (server-sent events)",
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "One message per event: `id: <seq>`, `event: <type>`, `data: <the "
+            "event as JSON, as in GET /jobs/{id}/events>`; a `: keep-alive` comment after 15 s "
+            "without one. The stream ends after the job's terminal event (job.succeeded, "
+            "job.failed or job.cancelled).",
+        }
+    },
+)
+def stream_job_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    owner: CurrentOwner,
+    after: Annotated[int, Query(ge=0, le=2**31, description="Send events after this seq")] = 0,
+    last_event_id: Annotated[
+        int | None,
+        Header(
+            alias="Last-Event-ID",
+            ge=0,
+            le=2**31,
+            description="Resume after this seq (sent by EventSource on reconnect); wins over "
+            "`after`.",
+        ),
+    ] = None,
+) -> StreamingResponse:
+    """The job's event log as `text/event-stream`: the events so far, then each new one as it
+    happens, until the job ends or the client hangs up. Reconnect with `Last-Event-ID` (or
+    `after`) to resume without gaps or repeats."""
+    repository.get_job(session, owner=owner, job_id=job_id)  # 404 before the stream starts
+    events = service.follow_events(
+        job_id,
+        after=after if last_event_id is None else last_event_id,
+        disconnected=request.is_disconnected,
+    )
+    return StreamingResponse(
+        _server_sent(events),
+        media_type="text/event-stream",
+        # Proxies must pass each message on as it comes, not cache or buffer the stream.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -17,6 +17,15 @@ def get_job(session: Session, *, owner: str, job_id: str) -> Job:
     return job
 
 
+def get_job_by_idempotency_key(session: Session, *, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def job_status(session: Session, job_id: str) -> JobStatus | None:
+    """The status as it is in SQL now (None: no such job), without loading the row."""
+    return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
 def list_jobs(
     session: Session, *, owner: str, limit: int, after: str | None, status: JobStatus | None
 ) -> tuple[list[Job], bool]:

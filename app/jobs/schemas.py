@@ -45,6 +45,21 @@ class Hyperparameters(RequestModel):
     seed: StrictInt = Field(
         42, ge=0, le=2**32 - 1, description="Seed for data order and LoRA init."
     )
+    checkpoint_every_steps: StrictInt | None = Field(
+        None, ge=1, le=1_000_000, description="Checkpoint every N steps (server default if null)."
+    )
+    checkpoint_every_minutes: float | None = Field(
+        None, gt=0, le=1440, description="Also checkpoint when this many minutes have passed."
+    )
+    checkpoints_kept: StrictInt | None = Field(
+        None, ge=1, le=50, description="How many of the newest checkpoints to keep."
+    )
+    eval_every_steps: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Eval loss on validation_url every N steps (default: each epoch).",
+    )
 
 
 class LoraSpec(RequestModel):

@@ -1,28 +1,44 @@
-"""What the jobs API does: submit, read, cancel. Flushes only; the caller's unit of work commits."""
+"""What the jobs API does: submit, read, cancel, follow. Flushes only; the caller's unit of work
+commits (the live event stream, which outlives any request session, opens its own per read)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import anyio
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
 from app.base_models.registry import get_base_model
 from app.datasets.fetch import FetchError, validate_dataset_url
-from app.db import after_commit, utcnow
-from app.errors import InvalidRequest, NotFound
+from app.db import after_commit, unit_of_work, utcnow
+from app.errors import (
+    IdempotencyKeyReused,
+    InvalidRequest,
+    NotFound,
+    check_idempotency_key,
+)
 from app.files.repository import get_file
 from app.ids import new_id
 from app.jobs import repository
-from app.jobs.events import append_event
-from app.jobs.models import Job, JobStatus
+from app.jobs.events import append_event, list_events
+from app.jobs.models import TERMINAL_STATUSES, Job, JobStatus
 from app.jobs.schemas import (
     AcceleratorClass,
     AdapterRef,
     CreateJobRequest,
     JobError,
+    JobEventView,
     JobView,
     Progress,
 )
-from app.jobs.transitions import require_transition
+from app.jobs.transitions import EVENT_TYPES, require_transition
 from app.settings import Settings
 from worker.celery_app import enqueue_job
 
@@ -52,9 +68,48 @@ def queue_for(accelerator: AcceleratorClass | None, settings: Settings) -> str:
     return settings.default_queue if accelerator is None else f"training-{accelerator.value}"
 
 
+class JobSubmission(NamedTuple):
+    job: Job
+    replayed: bool  # True: an earlier request with the same Idempotency-Key created the job
+
+
+def request_hash(request: CreateJobRequest) -> str:
+    """The request as validated (defaults filled in), so `{}` and omitted fields hash alike."""
+    # None fields left out: a new optional field does not change the hash of older requests.
+    fields = request.model_dump(mode="json", exclude_none=True)
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(job: Job, *, key: str, request_hash: str) -> JobSubmission:
+    if job.request_hash != request_hash:
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {key!r} was already used for a different request (it created job "
+            f"{job.id}); use a new key for a new request.",
+            detail={"header": "Idempotency-Key", "job_id": job.id},
+        )
+    return JobSubmission(job, replayed=True)
+
+
 def create_job(
-    session: Session, *, owner: str, request: CreateJobRequest, settings: Settings
-) -> Job:
+    session: Session,
+    *,
+    owner: str,
+    request: CreateJobRequest,
+    settings: Settings,
+    idempotency_key: str | None = None,
+) -> JobSubmission:
+    """Store a queued job and enqueue it once the caller commits.
+
+    With an idempotency key, a retry of the same request gets the job the first one created
+    (`replayed`, nothing enqueued or stored); the same key on a different request is a 409.
+    """
+    key = check_idempotency_key(idempotency_key)
+    digest = request_hash(request)
+    if key is not None:
+        earlier = repository.get_job_by_idempotency_key(session, owner=owner, key=key)
+        if earlier is not None:
+            return _replay(earlier, key=key, request_hash=digest)
     base_model = get_base_model(settings, request.base_model)
     _check_dataset_url(
         session, owner=owner, url=request.dataset_url, field="dataset_url", settings=settings
@@ -78,23 +133,43 @@ def create_job(
         hyperparameters=request.hyperparameters.model_dump(mode="json"),
         lora=request.lora.model_dump(mode="json"),
         metadata_=request.metadata,
+        idempotency_key=key,
+        request_hash=None if key is None else digest,
         queue=queue_for(request.accelerator, settings),
         attempt=0,
         event_seq=0,
         created_at=utcnow(),
         enqueued_at=utcnow(),
     )
+    if key is None:
+        _insert(session, job)
+    else:
+        try:
+            # A savepoint, so losing the race on UNIQUE(owner, idempotency_key) to an identical
+            # request leaves the request's session usable for reading the winner. The job.created
+            # event goes inside too: pysqlite lets the RELEASE of a savepoint that opened the
+            # transaction commit it, and the job must never be visible without that event.
+            with session.begin_nested():
+                _insert(session, job)
+        except IntegrityError:
+            winner = repository.get_job_by_idempotency_key(session, owner=owner, key=key)
+            if winner is None:
+                raise
+            return _replay(winner, key=key, request_hash=digest)
+    after_commit(session, lambda: enqueue_job(job.id, job.queue))
+    return JobSubmission(job, replayed=False)
+
+
+def _insert(session: Session, job: Job) -> None:
     session.add(job)
     session.flush()
     append_event(
         session,
         job.id,
         "job.created",
-        f"Job created: fine-tune {base_model.name} on {request.dataset_url}.",
+        f"Job created: fine-tune {job.base_model} on {job.dataset_url}.",
         data={"hyperparameters": job.hyperparameters, "lora": job.lora},
     )
-    after_commit(session, lambda: enqueue_job(job.id, job.queue))
-    return job
 
 
 def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
@@ -143,3 +218,64 @@ def to_view(job: Job, adapter: Adapter | None) -> JobView:
 def views(session: Session, jobs: list[Job]) -> list[JobView]:
     adapters = repository.adapters_by_job(session, [job.id for job in jobs])
     return [to_view(job, adapters.get(job.id)) for job in jobs]
+
+
+STREAM_POLL_SECONDS = 0.5
+STREAM_KEEPALIVE_SECONDS = 15.0
+STREAM_BATCH = 500
+TERMINAL_EVENT_TYPES = frozenset(EVENT_TYPES[status] for status in TERMINAL_STATUSES)
+
+
+@dataclass(frozen=True)
+class _EventPoll:
+    events: list[JobEventView]
+    job_over: bool  # the job had ended (or was gone) before these events were read
+
+
+def _poll_events(job_id: str, after: int) -> _EventPoll:
+    # One short unit of work per read: a stream may stay open for hours and must not hold a
+    # session (or a pooled connection) while it waits.
+    with unit_of_work() as session:
+        # Status first: an end seen here has its terminal event in the read below (same commit).
+        status = repository.job_status(session, job_id)
+        events = list_events(session, job_id, after=after, limit=STREAM_BATCH)
+        return _EventPoll(
+            events=[JobEventView.model_validate(event) for event in events],
+            job_over=status is None or status.is_terminal,
+        )
+
+
+async def follow_events(
+    job_id: str,
+    *,
+    after: int,
+    disconnected: Callable[[], Awaitable[bool]],
+    poll_seconds: float = STREAM_POLL_SECONDS,
+    keepalive_seconds: float = STREAM_KEEPALIVE_SECONDS,
+) -> AsyncIterator[JobEventView | None]:
+    """Every event of the job after seq `after`, then each new one as it is appended.
+
+    Ends once the job's terminal event has been yielded (at once if it lies at or before
+    `after`) or when `disconnected()` says the reader left. Yields None after
+    `keepalive_seconds` without an event, for the caller to keep the connection alive. SQL is
+    read in a worker thread, so the event loop never waits on it.
+    """
+    quiet_since = time.monotonic()
+    while not await disconnected():
+        poll = await anyio.to_thread.run_sync(_poll_events, job_id, after)
+        for event in poll.events:
+            yield event
+            after = event.seq
+            if event.type in TERMINAL_EVENT_TYPES:
+                return
+        batch_full = len(poll.events) == STREAM_BATCH
+        if poll.job_over and not batch_full:
+            return
+        if poll.events:
+            quiet_since = time.monotonic()
+            if batch_full:
+                continue  # more are waiting: read on without sleeping
+        elif time.monotonic() - quiet_since >= keepalive_seconds:
+            yield None
+            quiet_since = time.monotonic()
+        await anyio.sleep(poll_seconds)

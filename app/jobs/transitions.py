@@ -18,7 +18,9 @@ from app.jobs.events import append_event
 from app.jobs.models import Job, JobStatus
 
 ALLOWED_SOURCES: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.VALIDATING: frozenset({JobStatus.QUEUED}),
+    # From queued: a claim. From validating/running: a worker taking over the job of a worker
+    # process found dead (the caller narrows this with only_from and claimed_by).
+    JobStatus.VALIDATING: frozenset({JobStatus.QUEUED, JobStatus.VALIDATING, JobStatus.RUNNING}),
     JobStatus.RUNNING: frozenset({JobStatus.VALIDATING}),
     JobStatus.SUCCEEDED: frozenset({JobStatus.RUNNING}),
     JobStatus.FAILED: frozenset({JobStatus.QUEUED, JobStatus.VALIDATING, JobStatus.RUNNING}),
