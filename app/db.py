@@ -52,12 +52,21 @@ def utcnow() -> datetime:
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # The api, worker and scheduler share one SQLite file: WAL lets readers go on while one
-    # process writes, and the busy timeout makes writers wait instead of failing.
+    # process writes, and the busy timeout makes writers wait instead of failing. The driver's
+    # own transaction handling is switched off so _begin_immediate decides how they start.
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def _begin_immediate(connection: Any) -> None:
+    # A transaction that reads and then writes cannot wait for the write lock in SQLite: it fails
+    # at once with "database is locked" when another writer got there first. Taking the write
+    # lock at BEGIN makes every transaction queue (busy timeout) instead; they are all short.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> Engine:
@@ -67,6 +76,7 @@ def make_engine(url: str) -> Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _begin_immediate)
         return engine
     return create_engine(url, pool_pre_ping=True)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 
 from app.settings import get_settings
 
+logger = logging.getLogger(__name__)
 RUN_JOB_TASK = "tuneserve.run_job"
 TRAINING_QUEUE = "training"
 
@@ -43,4 +46,11 @@ celery_app = make_celery()
 
 
 def enqueue_job(job_id: str, queue: str = TRAINING_QUEUE) -> None:
-    celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+    """Send "run job X". The job row is already committed: if the broker cannot take the message
+    now, the scheduler sends it again later (TUNESERVE_REQUEUE_QUEUED_AFTER_SECONDS)."""
+    try:
+        celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+    except Exception:
+        logger.exception(
+            "could not enqueue job %s on %s; the scheduler will resend it", job_id, queue
+        )

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,14 +36,13 @@ from app.jobs.models import ACTIVE_STATUSES, Job, JobMetric, JobStatus
 from app.jobs.transitions import transition
 from app.settings import Settings, get_settings
 from app.storage import artifact_store
-from worker.celery_app import enqueue_job
 from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
 from worker.datasets import DatasetFacts, JobFailure, prepare_datasets
 from worker.devices import Device, detect_device
 from worker.distributed import node_processes, run_distributed
 from worker.heartbeat import Heartbeat
 from worker.sql import with_retries
-from worker.training import ProgressUpdate, TrainingHooks, TrainingSpec, train_lora
+from worker.training import Checkpoint, ProgressUpdate, TrainingHooks, TrainingSpec, train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +235,11 @@ def run_job(job_id: str) -> None:
             shutil.rmtree(context.workdir / "trainer", ignore_errors=True)
 
 
+# Set once this worker process got SIGTERM: it takes no new job (tasks.run_job hands the message
+# back to the broker) while Celery finishes its own shutdown.
+shutting_down = threading.Event()
+
+
 @contextmanager
 def _shutdown_hands_back(heartbeat: Heartbeat) -> Iterator[None]:
     """While a job runs, SIGTERM (a worker asked to stop) makes it checkpoint and go back to the
@@ -246,6 +251,7 @@ def _shutdown_hands_back(heartbeat: Heartbeat) -> Iterator[None]:
 
     def on_sigterm(signum: int, _frame: FrameType | None) -> None:
         received.append(signum)
+        shutting_down.set()
         heartbeat.request_stop("shutdown")
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
@@ -359,12 +365,19 @@ def _run_claimed(context: JobContext) -> None:
         resume_from=resume_from,
     )
     heartbeat = context.heartbeat
-    context.checkpoints = CheckpointKeeper(job.id, settings, kept)
+    keeper = context.checkpoints = CheckpointKeeper(job.id, settings, kept)
+
+    def on_checkpoint(checkpoint: Checkpoint) -> None:
+        # The curve up to the checkpoint must be in SQL before the checkpoint is: a resumed run
+        # goes on from the step after it.
+        writer.flush(must=True)
+        keeper(checkpoint)
+
     hooks = TrainingHooks(
         on_progress=writer,
         should_stop=heartbeat.stop_requested.is_set,
         checkpoint_before_stop=lambda: heartbeat.reason == "shutdown",
-        on_checkpoint=context.checkpoints,
+        on_checkpoint=on_checkpoint,
     )
     if processes > 1:
         event(job.id, "job.distributed", f"Data-parallel training on {processes} processes.")
@@ -484,16 +497,20 @@ def _finish_stopped(context: JobContext, reason: str) -> None:
 
 def _hand_back(context: JobContext) -> None:
     """Back to the queue, not counted as an attempt; the next worker resumes from the checkpoint
-    saved on the way out."""
-    job = context.job
+    saved on the way out.
+
+    No message is sent from here: this worker would take it itself before it stops. The job is
+    marked as long waiting instead, so the scheduler sends it at its next pass, when this worker
+    no longer consumes.
+    """
+    job, settings = context.job, context.settings
     step = context.checkpoints.last_step if context.checkpoints else None
     saved = f"checkpoint at step {step} saved" if step is not None else "no checkpoint yet"
-    queued = False
+    overdue = utcnow() - timedelta(seconds=settings.requeue_queued_after_seconds + 1)
 
     def hand_back() -> None:
-        nonlocal queued
         with unit_of_work() as session:
-            queued = transition(
+            transition(
                 session,
                 job.id,
                 JobStatus.QUEUED,
@@ -501,12 +518,10 @@ def _hand_back(context: JobContext) -> None:
                 level="warning",
                 claimed_by=context.worker_id,
                 data={"checkpoint_step": step, "reason": "worker_shutdown"},
-                values={"worker": None, "enqueued_at": utcnow(), "attempt": Job.attempt - 1},
+                values={"worker": None, "enqueued_at": overdue, "attempt": Job.attempt - 1},
             )
 
     with_retries(hand_back, what=f"hand job {job.id} back")
-    if queued:
-        enqueue_job(job.id, job.queue)
 
 
 def _fail(job_id: str, me: str, code: str, message: str, detail: Any = None) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from celery.exceptions import Reject
+
 from worker.celery_app import RUN_JOB_TASK, celery_app
 
 logger = logging.getLogger(__name__)
@@ -12,5 +14,8 @@ logger = logging.getLogger(__name__)
 @celery_app.task(name=RUN_JOB_TASK)  # type: ignore[untyped-decorator]
 def run_job(job_id: str) -> None:
     from worker.runner import run_job as run
+    from worker.runner import shutting_down
 
+    if shutting_down.is_set():
+        raise Reject("this worker is shutting down", requeue=True)
     run(job_id)

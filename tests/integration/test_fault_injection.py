@@ -188,11 +188,10 @@ def _database_away(seconds: float) -> None:
         time.sleep(seconds)
         subprocess.run([*base, "start"], check=True)
         return
-    # SQLite: an exclusive lock keeps every other connection from reading or writing.
+    # SQLite: holding the write lock stops every tuneserve transaction (each begins IMMEDIATE).
     database = Path(TEST_ENV["TUNESERVE_DATA_DIR"]) / "tuneserve.sqlite"
     connection = sqlite3.connect(database, timeout=30, isolation_level=None)
-    connection.execute("PRAGMA locking_mode=EXCLUSIVE")
-    connection.execute("BEGIN EXCLUSIVE")
+    connection.execute("BEGIN IMMEDIATE")
     time.sleep(seconds)
     connection.execute("COMMIT")
     connection.close()
@@ -254,7 +253,7 @@ def test_fifty_pollers_while_a_job_trains(faults: FaultStack, tiny_model: str) -
     faults.start("worker")
     file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(8)))
     job_id = service.create_job(
-        base_model=tiny_model, dataset_url=file_id, hyperparameters=LONG_JOB
+        base_model=tiny_model, dataset_url=file_id, hyperparameters={**LONG_JOB, "n_epochs": 2}
     )["id"]
     statuses: list[int] = []
     lock = threading.Lock()
@@ -279,4 +278,32 @@ def test_fifty_pollers_while_a_job_trains(faults: FaultStack, tiny_model: str) -
     assert job["status"] == "succeeded", job["error"]
     assert len(statuses) >= 50
     assert set(statuses) == {200}
+    faults.kill("worker")
+
+
+def test_sigterm_checkpoints_and_hands_the_job_back(faults: FaultStack, tiny_model: str) -> None:
+    service = faults.service
+    worker = faults.start("worker")
+    file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(16)))
+    job_id = service.create_job(
+        base_model=tiny_model,
+        dataset_url=file_id,
+        hyperparameters={**LONG_JOB, "checkpoint_every_steps": 1000},
+    )["id"]
+    service.wait_until_step(job_id, 5)
+    worker.send_signal(signal.SIGTERM)  # e.g. `docker compose stop worker`
+    assert worker.wait(timeout=60) == 0
+    faults.processes.pop("worker")
+    events = events_of(faults, job_id)
+    handed_back = next(event for event in events if event["type"] == "job.requeued")
+    assert handed_back["data"]["reason"] == "worker_shutdown"
+    assert handed_back["data"]["checkpoint_step"] >= 5
+    assert service.client.get(f"/jobs/{job_id}").json()["status"] == "queued"
+
+    faults.start("worker")
+    job = service.wait_for(job_id, timeout=240)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempt"] == 1  # a graceful hand-back is not a failed attempt
+    resumed = next(e for e in events_of(faults, job_id) if e["type"] == "job.resumed")
+    assert resumed["data"]["step"] == handed_back["data"]["checkpoint_step"]
     faults.kill("worker")
