@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
 from app.errors import Conflict, InvalidRequest, NotFound
-from app.jobs.models import Job
+from app.jobs.models import Job, JobCheckpoint
 
 
 def get_adapter(session: Session, *, owner: str, adapter_id: str) -> Adapter:
@@ -19,8 +21,35 @@ def get_adapter(session: Session, *, owner: str, adapter_id: str) -> Adapter:
     return adapter
 
 
-def resolve_adapter(session: Session, *, owner: str, reference: str) -> Adapter:
-    """An adapter by its id, by the id of the job that trained it, or by its name (ft:…)."""
+@dataclass(frozen=True)
+class ServableAdapter:
+    """LoRA weights generation can use: a trained adapter or a job's checkpoint."""
+
+    id: str
+    base_model: str
+    path: str  # key in the artifact store
+
+
+def resolve_adapter(session: Session, *, owner: str, reference: str) -> ServableAdapter:
+    """An adapter by its id, by the id of the job that trained it, by its name (ft:…), or a
+    checkpoint by its id (ftckpt-…)."""
+    if reference.startswith("ftckpt-"):
+        checkpoint = session.get(JobCheckpoint, reference)
+        job = session.get(Job, checkpoint.job_id) if checkpoint else None
+        if checkpoint is None or job is None or job.owner != owner:
+            raise NotFound(
+                f"No checkpoint {reference!r}. GET /jobs/{{id}}/checkpoints lists a job's.",
+                code="checkpoint_not_found",
+            )
+        return ServableAdapter(id=checkpoint.id, base_model=job.base_model, path=checkpoint.path)
+    return _servable(_find_adapter(session, owner=owner, reference=reference))
+
+
+def _servable(adapter: Adapter) -> ServableAdapter:
+    return ServableAdapter(id=adapter.id, base_model=adapter.base_model, path=adapter.path)
+
+
+def _find_adapter(session: Session, *, owner: str, reference: str) -> Adapter:
     if reference.startswith("ftjob-"):
         job = session.get(Job, reference)
         if job is None or job.owner != owner:

@@ -13,6 +13,8 @@ from app.jobs import repository, service
 from app.jobs.events import list_events
 from app.jobs.models import JobStatus
 from app.jobs.schemas import (
+    CheckpointList,
+    CheckpointView,
     CreateJobRequest,
     JobEventList,
     JobEventView,
@@ -175,3 +177,14 @@ def stream_job_events(
         # Proxies must pass each message on as it comes, not cache or buffer the stream.
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+@router.get(
+    "/{job_id}/checkpoints", response_model=CheckpointList, summary="A job's saved checkpoints"
+)
+def job_checkpoints(job_id: str, session: SessionDep, owner: CurrentOwner) -> CheckpointList:
+    """Newest first. Each one resumes the job after a worker dies, and its id works as `adapter`
+    in POST /generate."""
+    repository.get_job(session, owner=owner, job_id=job_id)
+    checkpoints = repository.list_checkpoints(session, job_id)
+    return CheckpointList(data=[CheckpointView.model_validate(c) for c in checkpoints])

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
 from app.errors import InvalidRequest, NotFound
-from app.jobs.models import Job, JobMetric, JobStatus
+from app.jobs.models import Job, JobCheckpoint, JobMetric, JobStatus
 
 
 def get_job(session: Session, *, owner: str, job_id: str) -> Job:
@@ -55,3 +55,12 @@ def list_metrics(session: Session, job_id: str) -> list[JobMetric]:
     return list(
         session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.id))
     )
+
+
+def list_checkpoints(session: Session, job_id: str) -> list[JobCheckpoint]:
+    query = (
+        select(JobCheckpoint)
+        .where(JobCheckpoint.job_id == job_id)
+        .order_by(JobCheckpoint.step.desc())
+    )
+    return list(session.scalars(query))

@@ -217,3 +217,18 @@ class MetricPoint(ResponseModel):
 class MetricList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[MetricPoint]
+
+
+class CheckpointView(ResponseModel):
+    id: str = Field(description="Usable as `adapter` in POST /generate.")
+    object: Literal["checkpoint"] = "checkpoint"
+    job_id: str
+    step: int
+    epoch: float | None
+    metrics: dict[str, Any] | None
+    created_at: datetime
+
+
+class CheckpointList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[CheckpointView]

@@ -93,6 +93,21 @@ def test_upload_train_and_generate(service: Service, tiny_model: str) -> None:
     ).json()
     assert base["adapter"] is None and base["usage"]["completion_tokens"] <= 4
 
+    checkpoints = service.client.get(f"/jobs/{job['id']}/checkpoints").json()["data"]
+    assert [checkpoint["step"] for checkpoint in checkpoints] == [8]
+    assert checkpoints[0]["id"].startswith("ftckpt-") and checkpoints[0]["job_id"] == job["id"]
+    from_checkpoint = service.client.post(
+        "/generate",
+        json={"adapter": checkpoints[0]["id"], "prompt": "What is 1 plus 1?", "max_new_tokens": 3},
+    )
+    assert from_checkpoint.status_code == 200, from_checkpoint.text
+    assert from_checkpoint.json()["adapter"] == checkpoints[0]["id"]
+    missing = service.client.post(
+        "/generate", json={"adapter": "ftckpt-nope", "prompt": "Hi", "max_new_tokens": 3}
+    )
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "checkpoint_not_found"
+
     listed = service.client.get("/jobs", params={"status": "succeeded"}).json()["data"]
     assert job["id"] in [item["id"] for item in listed]
 
