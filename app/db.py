@@ -105,8 +105,10 @@ def after_commit(session: Session, callback: AfterCommit) -> None:
 
 
 @contextmanager
-def unit_of_work() -> Iterator[Session]:
-    """One session per request or task step: commit at the end, roll back on error."""
+def unit_of_work(*, run_after_commit: bool = True) -> Iterator[Session]:
+    """One session per request or task step: commit at the end, roll back on error, then run
+    the after_commit() callbacks (or leave them in `session.info["after_commit"]` for a caller
+    that must run them elsewhere)."""
     session = get_sessionmaker()()
     try:
         yield session
@@ -117,5 +119,6 @@ def unit_of_work() -> Iterator[Session]:
         raise
     finally:
         session.close()
-    for callback in session.info.pop("after_commit", []):
-        callback()
+    if run_after_commit:
+        for callback in session.info.pop("after_commit", []):
+            callback()

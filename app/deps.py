@@ -10,7 +10,7 @@ from fastapi import Depends
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.db import get_sessionmaker
+from app.db import unit_of_work
 from app.settings import Settings, get_settings
 
 LOCAL_OWNER = "local"
@@ -31,16 +31,8 @@ async def get_session() -> AsyncIterator[Session]:
     if _slots is None:
         _slots = asyncio.Semaphore(DATABASE_SLOTS)
     async with _slots:
-        session = get_sessionmaker()()
-        try:
+        with unit_of_work(run_after_commit=False) as session:
             yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            session.info.pop("after_commit", None)
-            raise
-        finally:
-            session.close()
     for callback in session.info.pop("after_commit", []):
         await run_in_threadpool(callback)
 

@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import DBAPIError
 
 from app.adapters.models import Adapter
 from app.base_models.loading import BaseModelUnavailable, model_location
@@ -32,7 +30,7 @@ from app.db import unit_of_work, utcnow
 from app.errors import TuneserveError
 from app.ids import new_id
 from app.jobs.events import append_event
-from app.jobs.models import ACTIVE_STATUSES, Job, JobMetric, JobStatus
+from app.jobs.models import ACTIVE_STATUSES, Job, JobStatus
 from app.jobs.transitions import transition
 from app.settings import Settings, get_settings
 from app.storage import artifact_store
@@ -41,8 +39,9 @@ from worker.datasets import DatasetFacts, JobFailure, prepare_datasets
 from worker.devices import Device, detect_device
 from worker.distributed import node_processes, run_distributed
 from worker.heartbeat import Heartbeat
+from worker.progress import ProgressWriter
 from worker.sql import with_retries
-from worker.training import Checkpoint, ProgressUpdate, TrainingHooks, TrainingSpec, train_lora
+from worker.training import Checkpoint, TrainingHooks, TrainingSpec, train_lora
 
 logger = logging.getLogger(__name__)
 
@@ -126,71 +125,6 @@ def event(job_id: str, type: str, message: str, **data: Any) -> None:
     with_retries(write, what=f"log {type}")
 
 
-class ProgressWriter:
-    """Writes progress and metric points to SQL at most every `interval` seconds."""
-
-    def __init__(self, job_id: str, interval: float) -> None:
-        self.job_id = job_id
-        self.interval = interval
-        self.pending: list[dict[str, Any]] = []
-        self.progress: dict[str, Any] = {}
-        self.last_write = 0.0
-
-    def __call__(self, update_: ProgressUpdate) -> None:
-        if update_.train_loss is not None or update_.eval_loss is not None:
-            self.pending.append(
-                {
-                    "job_id": self.job_id,
-                    "step": update_.step,
-                    "epoch": update_.epoch,
-                    "train_loss": update_.train_loss,
-                    "eval_loss": update_.eval_loss,
-                    "lr": update_.learning_rate,
-                    "tokens_per_second": update_.tokens_per_second,
-                    "created_at": utcnow(),
-                }
-            )
-        self.progress = {
-            **self.progress,
-            "step": update_.step,
-            "total_steps": update_.total_steps,
-            "epoch": round(update_.epoch, 4),
-            "tokens_per_second": update_.tokens_per_second,
-            "eta_seconds": round(update_.eta_seconds, 1)
-            if update_.eta_seconds is not None
-            else None,
-        }
-        for key, value in (
-            ("train_loss", update_.train_loss),
-            ("eval_loss", update_.eval_loss),
-            ("learning_rate", update_.learning_rate),
-        ):
-            if value is not None:
-                self.progress[key] = value
-        if time.monotonic() - self.last_write >= self.interval:
-            self.flush()
-
-    def flush(self, *, must: bool = False) -> None:
-        """Write what is pending. While the database is away, training goes on and the points
-        wait for the next flush; `must` (the last flush) retries until they are written."""
-
-        def write() -> None:
-            with unit_of_work() as session:
-                session.add_all([JobMetric(**point) for point in self.pending])
-                if self.progress:
-                    session.execute(
-                        update(Job).where(Job.id == self.job_id).values(progress=self.progress)
-                    )
-
-        self.last_write = time.monotonic()
-        try:
-            with_retries(write, what="write progress", seconds=120 if must else 0)
-        except DBAPIError:
-            logger.warning("job %s: progress not written yet; will retry", self.job_id)
-            return
-        self.pending = []
-
-
 @dataclass
 class JobContext:
     job: Job
@@ -233,6 +167,7 @@ def run_job(job_id: str) -> None:
             _fail(job_id, me, *_describe_crash(exc))
         finally:
             shutil.rmtree(context.workdir / "trainer", ignore_errors=True)
+            _free_device()
 
 
 # Set once this worker process got SIGTERM: it takes no new job (tasks.run_job hands the message
@@ -261,6 +196,17 @@ def _shutdown_hands_back(heartbeat: Heartbeat) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
         if received:
             signal.raise_signal(signal.SIGTERM)  # now Celery's own warm shutdown
+
+
+def _free_device() -> None:
+    """The worker process outlives its jobs: give the model's memory back before the next one."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _describe_crash(exc: Exception) -> tuple[str, str, Any]:
