@@ -55,30 +55,50 @@ def scheduler_command() -> list[str]:
 
 
 class Supervisor:
-    """Starts child processes; when one dies or a stop signal arrives, stops all of them."""
+    """Starts child processes and keeps them running: one that dies (a worker killed by the OOM
+    killer, say) is started again, and its job resumes from its checkpoint. A child that keeps
+    dying (RESTARTS_PER_MINUTE) or a stop signal stops all of them."""
+
+    RESTARTS_PER_MINUTE = 5
 
     def __init__(self, console: Console) -> None:
         self.console = console
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.commands: dict[str, list[str]] = {}
+        self.restarts: dict[str, list[float]] = {}
         self.stopping = False
 
     def start(self, name: str, command: list[str]) -> None:
+        self.commands[name] = command
         self.children[name] = subprocess.Popen(command)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stopping = True
         self.console.print(f"[yellow]{signal.Signals(signum).name}: stopping…[/yellow]")
 
+    def _restart(self, name: str, returncode: int) -> bool:
+        now = time.monotonic()
+        recent = [t for t in self.restarts.get(name, []) if now - t < 60] + [now]
+        self.restarts[name] = recent
+        if len(recent) > self.RESTARTS_PER_MINUTE:
+            self.console.print(
+                f"[red]{name} exited with code {returncode} {len(recent)} times in a minute; "
+                "stopping everything. Its output above says why.[/red]"
+            )
+            return False
+        self.console.print(
+            f"[yellow]{name} exited with code {returncode}; starting it again.[/yellow]"
+        )
+        self.start(name, self.commands[name])
+        return True
+
     def run(self) -> int:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         exit_code = 0
         while not self.stopping:
-            for name, child in self.children.items():
-                if child.poll() is not None:
-                    self.console.print(
-                        f"[red]{name} exited with code {child.returncode}; stopping the rest.[/red]"
-                    )
+            for name, child in list(self.children.items()):
+                if child.poll() is not None and not self._restart(name, child.returncode):
                     exit_code = child.returncode or 1
                     self.stopping = True
                     break

@@ -147,3 +147,40 @@ def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None
     assert up.returncode == 0, output
     assert "tuneserve is up" in output
     assert all(not Path(f"/proc/{pid}").exists() for pid in children), output
+
+
+def test_up_starts_a_killed_worker_again(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "TUNESERVE_DATA_DIR": str(tmp_path / "data")}
+    env.pop("TUNESERVE_DATABASE_URL", None)
+    env.pop("TUNESERVE_BROKER_URL", None)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "app.cli.main", "up", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_until_healthy(f"http://127.0.0.1:{port}", up)
+        deadline = time.monotonic() + 30
+        while len(children := _children(up.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        workers = [
+            pid for pid in children if b"celery" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            now = _children(up.pid)
+            if len(now) == 3 and workers[0] not in now:
+                break
+            time.sleep(0.5)
+        assert len(now) == 3 and workers[0] not in now
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    finally:
+        up.send_signal(signal.SIGTERM)
+        output, _ = up.communicate(timeout=60)
+    assert "worker exited with code -9; starting it again" in output
+    assert up.returncode == 0, output
