@@ -120,18 +120,23 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "TUNESERVE_DATA_DIR": str(tmp_path / "data")}
+def start_up(data_dir: Path, port: int) -> subprocess.Popen[str]:
+    """`tuneserve up` on its embedded defaults in data_dir."""
+    env = {**os.environ, "TUNESERVE_DATA_DIR": str(data_dir)}
     env.pop("TUNESERVE_DATABASE_URL", None)
     env.pop("TUNESERVE_BROKER_URL", None)
-    up = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "app.cli.main", "up", "--port", str(port)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    up = start_up(tmp_path / "data", port)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, up)
@@ -151,16 +156,7 @@ def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None
 
 def test_up_starts_a_killed_worker_again(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "TUNESERVE_DATA_DIR": str(tmp_path / "data")}
-    env.pop("TUNESERVE_DATABASE_URL", None)
-    env.pop("TUNESERVE_BROKER_URL", None)
-    up = subprocess.Popen(
-        [sys.executable, "-m", "app.cli.main", "up", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    up = start_up(tmp_path / "data", port)
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}", up)
         deadline = time.monotonic() + 30

@@ -22,11 +22,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[dev]')")
-if not __import__("importlib.util").util.find_spec("moto"):
-    pytest.skip("moto[server] is not installed (pip install -e '.[dev]')", allow_module_level=True)
-
-from app.storage import ArtifactStore, artifact_store  # noqa: E402
+from app.storage import ArtifactStore, artifact_store
 
 ACCESS_KEY = "tuneserve-test"
 SECRET_KEY = "tuneserve-test-secret"  # moto accepts any credentials
@@ -67,13 +63,13 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         deadline = time.monotonic() + 60
         while True:
             if process.poll() is not None:
-                pytest.skip(f"moto server exited at start: {log.read_text()[-2000:]}")
+                pytest.fail(f"moto server exited at start: {log.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2):
                     break
             except (urllib.error.URLError, OSError):
                 if time.monotonic() > deadline:
-                    pytest.skip(f"moto server did not answer in 60 s: {log.read_text()[-2000:]}")
+                    pytest.fail(f"moto server did not answer in 60 s: {log.read_text()[-2000:]}")
                 time.sleep(0.2)
         import boto3
 
