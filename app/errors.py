@@ -55,29 +55,6 @@ class ServiceUnavailable(TuneserveError):
     code = "unavailable"
 
 
-IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,200}")
-
-
-class InvalidIdempotencyKey(InvalidRequest):
-    code = "invalid_idempotency_key"
-
-
-class IdempotencyKeyReused(Conflict):
-    code = "idempotency_key_reused"
-
-
-def check_idempotency_key(key: str | None) -> str | None:
-    """The Idempotency-Key header of a create call, if it has one: 1 to 200 printable ASCII
-    characters (shared by every create endpoint that accepts it, hence here)."""
-    if key is not None and not IDEMPOTENCY_KEY.fullmatch(key):
-        raise InvalidIdempotencyKey(
-            f"Idempotency-Key must be 1 to 200 printable ASCII characters (got {len(key)} "
-            "characters); send a unique value such as a UUID, or leave the header out.",
-            detail={"header": "Idempotency-Key"},
-        )
-    return key
-
-
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "detail": detail}}
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections.abc import Iterator
 from typing import BinaryIO, NamedTuple
@@ -13,13 +11,12 @@ from sqlalchemy.orm import Session
 
 from app.db import utcnow
 from app.errors import (
-    IdempotencyKeyReused,
     InvalidRequest,
     PayloadTooLarge,
-    check_idempotency_key,
 )
 from app.files.models import File
 from app.files.repository import get_file_by_idempotency_key
+from app.idempotency import check_idempotency_key, ensure_same_request, request_hash
 from app.ids import new_id
 from app.settings import Settings
 from app.storage import artifact_store
@@ -41,22 +38,18 @@ class Upload(NamedTuple):
     replayed: bool  # True: an earlier request with the same Idempotency-Key stored the file
 
 
-def request_hash(*, filename: str | None, purpose: str, sha256: str) -> str:
-    canonical = json.dumps(
-        {"filename": filename, "purpose": purpose, "sha256": sha256},
-        sort_keys=True,
-        separators=(",", ":"),
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def upload_hash(*, filename: str | None, purpose: str, sha256: str) -> str:
+    return request_hash({"filename": filename, "purpose": purpose, "sha256": sha256})
 
 
 def _replay(file: File, *, key: str, request_hash: str) -> Upload:
-    if file.request_hash != request_hash:
-        raise IdempotencyKeyReused(
-            f"Idempotency-Key {key!r} was already used for a different request (it stored file "
-            f"{file.id}); use a new key for a new request.",
-            detail={"header": "Idempotency-Key", "file_id": file.id},
-        )
+    ensure_same_request(
+        key=key,
+        stored_hash=file.request_hash,
+        new_hash=request_hash,
+        kind="file",
+        resource_id=file.id,
+    )
     return Upload(file, replayed=True)
 
 
@@ -121,7 +114,7 @@ def store_upload(
         session.flush()
         return Upload(file, replayed=False)
     file.idempotency_key = key
-    file.request_hash = request_hash(filename=filename, purpose=purpose, sha256=sha256)
+    file.request_hash = upload_hash(filename=filename, purpose=purpose, sha256=sha256)
     try:
         upload = _add_keyed(session, file, owner=owner, key=key, request_hash=file.request_hash)
     except BaseException:

@@ -3,8 +3,6 @@ commits (the live event stream, which outlives any request session, opens its ow
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -19,12 +17,11 @@ from app.base_models.registry import get_base_model
 from app.datasets.fetch import FetchError, validate_dataset_url
 from app.db import after_commit, unit_of_work, utcnow
 from app.errors import (
-    IdempotencyKeyReused,
     InvalidRequest,
     NotFound,
-    check_idempotency_key,
 )
 from app.files.repository import get_file
+from app.idempotency import check_idempotency_key, ensure_same_request, request_hash
 from app.ids import new_id
 from app.jobs import repository
 from app.jobs.events import append_event, list_events
@@ -73,21 +70,20 @@ class JobSubmission(NamedTuple):
     replayed: bool  # True: an earlier request with the same Idempotency-Key created the job
 
 
-def request_hash(request: CreateJobRequest) -> str:
+def job_request_hash(request: CreateJobRequest) -> str:
     """The request as validated (defaults filled in), so `{}` and omitted fields hash alike."""
     # None fields left out: a new optional field does not change the hash of older requests.
-    fields = request.model_dump(mode="json", exclude_none=True)
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return request_hash(request.model_dump(mode="json", exclude_none=True))
 
 
 def _replay(job: Job, *, key: str, request_hash: str) -> JobSubmission:
-    if job.request_hash != request_hash:
-        raise IdempotencyKeyReused(
-            f"Idempotency-Key {key!r} was already used for a different request (it created job "
-            f"{job.id}); use a new key for a new request.",
-            detail={"header": "Idempotency-Key", "job_id": job.id},
-        )
+    ensure_same_request(
+        key=key,
+        stored_hash=job.request_hash,
+        new_hash=request_hash,
+        kind="job",
+        resource_id=job.id,
+    )
     return JobSubmission(job, replayed=True)
 
 
@@ -105,7 +101,7 @@ def create_job(
     (`replayed`, nothing enqueued or stored); the same key on a different request is a 409.
     """
     key = check_idempotency_key(idempotency_key)
-    digest = request_hash(request)
+    digest = job_request_hash(request)
     if key is not None:
         earlier = repository.get_job_by_idempotency_key(session, owner=owner, key=key)
         if earlier is not None:
