@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,27 +22,13 @@ from typing import Any
 import pytest
 
 from app.storage import ArtifactStore, artifact_store
+from tests.fixtures.service import free_port, stop
+from tests.storage_helpers import make_tree, read, read_tree, write_then_fail
 
 ACCESS_KEY = "tuneserve-test"
 SECRET_KEY = "tuneserve-test-secret"  # moto accepts any credentials
 REGION = "us-east-1"
 BUCKET = "tuneserve-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -101,39 +86,6 @@ def store(s3_endpoint: str) -> ArtifactStore:
     )
 
 
-def make_tree(root: Path) -> dict[str, bytes]:
-    files = {
-        "adapter_config.json": b'{"r": 8}',
-        "adapter_model.safetensors": os.urandom(200_000),
-        "checkpoint-2/optimizer.pt": b"opt" * 1000,
-        "checkpoint-2/nested/trainer_state.json": b"{}",
-        "empty.txt": b"",
-    }
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return files
-
-
-def write_then_fail(store: ArtifactStore, key: str) -> None:
-    with store.open(key, "wb") as handle:
-        handle.write(b"half")
-        raise RuntimeError("half written")
-
-
-def read(store: ArtifactStore, key: str) -> bytes:
-    with store.open(key) as handle:
-        return handle.read()
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    return {
-        path.relative_to(root).as_posix(): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
-
-
 def test_store_is_remote(store: ArtifactStore) -> None:
     assert not store.is_local
     assert store.local_path("files/f") is None
@@ -181,7 +133,7 @@ def test_write_stream(store: ArtifactStore) -> None:
 
 
 def test_dir_round_trip_mirror_and_delete(store: ArtifactStore, tmp_path: Path) -> None:
-    files = make_tree(tmp_path / "adapter")
+    files = make_tree(tmp_path / "adapter", weights_bytes=200_000)
     store.put_dir(tmp_path / "adapter", "adapters/adapter-xyz")
     assert store.exists("adapters/adapter-xyz")
     assert store.exists("adapters/adapter-xyz/checkpoint-2/nested/trainer_state.json")
@@ -232,7 +184,7 @@ def test_other_processes_see_writes(store: ArtifactStore, s3_endpoint: str) -> N
 def test_cached_dir_downloads_once(
     store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    files = make_tree(tmp_path / "adapter")
+    files = make_tree(tmp_path / "adapter", weights_bytes=200_000)
     store.put_dir(tmp_path / "adapter", "adapters/adapter-c")
     cache = tmp_path / "cache"
 
@@ -266,7 +218,7 @@ def test_cached_dir_downloads_once(
 
 
 def test_cached_dir_concurrent_downloads_one_wins(store: ArtifactStore, tmp_path: Path) -> None:
-    files = make_tree(tmp_path / "adapter")
+    files = make_tree(tmp_path / "adapter", weights_bytes=200_000)
     store.put_dir(tmp_path / "adapter", "adapters/adapter-r")
     cache = tmp_path / "cache"
     # A second process that finished first: its complete copy is already in place when this

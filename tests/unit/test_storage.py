@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,44 +11,12 @@ from typing import Any
 import pytest
 
 from app.storage import ArtifactStore, artifact_store, validate_key
+from tests.storage_helpers import make_tree, read, read_tree, write_then_fail
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> ArtifactStore:
     return ArtifactStore(f"file://{tmp_path / 'artifacts'}")
-
-
-def make_tree(root: Path) -> dict[str, bytes]:
-    files = {
-        "adapter_config.json": b'{"r": 8}',
-        "adapter_model.safetensors": os.urandom(70_000),
-        "checkpoint-2/optimizer.pt": b"opt" * 1000,
-        "checkpoint-2/nested/trainer_state.json": b"{}",
-        "empty.txt": b"",
-    }
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return files
-
-
-def write_then_fail(store: ArtifactStore, key: str) -> None:
-    with store.open(key, "wb") as handle:
-        handle.write(b"half")
-        raise RuntimeError("half written")
-
-
-def read(store: ArtifactStore, key: str) -> bytes:
-    with store.open(key) as handle:
-        return handle.read()
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    return {
-        path.relative_to(root).as_posix(): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file()
-    }
 
 
 def leftovers(root: Path) -> list[str]:
