@@ -78,6 +78,14 @@ def faults(service: Service, tiny_model: str) -> Iterator[FaultStack]:
                 stop(process)
 
 
+def submit(service: Service, tiny_model: str, rows: int, **hyperparameters: Any) -> str:
+    """Upload `rows` arithmetic chats and start a job on them; its id."""
+    file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(rows)))
+    return service.create_job(
+        base_model=tiny_model, dataset_url=file_id, hyperparameters=hyperparameters
+    )["id"]
+
+
 def events_of(stack: FaultStack, job_id: str) -> list[dict[str, Any]]:
     return stack.service.events(job_id)
 
@@ -97,10 +105,7 @@ def wait_for_event(stack: FaultStack, job_id: str, type: str, timeout: float = 1
 def test_killed_worker_resumes_from_its_checkpoint(faults: FaultStack, tiny_model: str) -> None:
     service = faults.service
     faults.start("worker")
-    file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(16)))
-    job_id = service.create_job(
-        base_model=tiny_model, dataset_url=file_id, hyperparameters=LONG_JOB
-    )["id"]
+    job_id = submit(service, tiny_model, 16, **LONG_JOB)
     wait_for_event(faults, job_id, "job.checkpoint_saved")
     faults.kill("worker")  # kill -9 mid-run, after the first checkpoint
     killed_at = service.client.get(f"/jobs/{job_id}").json()
@@ -146,10 +151,7 @@ def lose_broker_messages() -> int:
 
 def test_job_whose_message_was_lost_still_runs_once(faults: FaultStack, tiny_model: str) -> None:
     service = faults.service
-    file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(4)))
-    job_id = service.create_job(
-        base_model=tiny_model, dataset_url=file_id, hyperparameters={"n_epochs": 1}
-    )["id"]
+    job_id = submit(service, tiny_model, 4, n_epochs=1)
     assert lose_broker_messages() >= 1  # no worker consumes the queue yet
     faults.start("worker")
     job = service.wait_for(job_id, timeout=120)
@@ -163,10 +165,7 @@ def test_job_whose_message_was_lost_still_runs_once(faults: FaultStack, tiny_mod
 def test_api_restart_mid_job_loses_nothing(faults: FaultStack, tiny_model: str) -> None:
     service = faults.service
     faults.start("worker")
-    file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(8)))
-    job_id = service.create_job(
-        base_model=tiny_model, dataset_url=file_id, hyperparameters=LONG_JOB
-    )["id"]
+    job_id = submit(service, tiny_model, 8, **LONG_JOB)
     service.wait_until_step(job_id, 3)
     stop(faults.processes.pop("api"))  # SIGTERM, then a new api on the same port
     faults.start("api")
@@ -200,10 +199,7 @@ def _database_away(seconds: float) -> None:
 def test_database_outage_is_ridden_out(faults: FaultStack, tiny_model: str) -> None:
     service = faults.service
     faults.start("worker")
-    file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(8)))
-    job_id = service.create_job(
-        base_model=tiny_model, dataset_url=file_id, hyperparameters=LONG_JOB
-    )["id"]
+    job_id = submit(service, tiny_model, 8, **LONG_JOB)
     service.wait_until_step(job_id, 3)
     _database_away(6)
     job = service.wait_for(job_id, timeout=300)
@@ -251,10 +247,7 @@ def test_fifty_concurrent_submissions_train_once_each(faults: FaultStack, tiny_m
 def test_fifty_pollers_while_a_job_trains(faults: FaultStack, tiny_model: str) -> None:
     service = faults.service
     faults.start("worker")
-    file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(8)))
-    job_id = service.create_job(
-        base_model=tiny_model, dataset_url=file_id, hyperparameters={**LONG_JOB, "n_epochs": 2}
-    )["id"]
+    job_id = submit(service, tiny_model, 8, **{**LONG_JOB, "n_epochs": 2})
     statuses: list[int] = []
     lock = threading.Lock()
     done = threading.Event()
@@ -284,12 +277,7 @@ def test_fifty_pollers_while_a_job_trains(faults: FaultStack, tiny_model: str) -
 def test_sigterm_checkpoints_and_hands_the_job_back(faults: FaultStack, tiny_model: str) -> None:
     service = faults.service
     worker = faults.start("worker")
-    file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(16)))
-    job_id = service.create_job(
-        base_model=tiny_model,
-        dataset_url=file_id,
-        hyperparameters={**LONG_JOB, "checkpoint_every_steps": 1000},
-    )["id"]
+    job_id = submit(service, tiny_model, 16, **{**LONG_JOB, "checkpoint_every_steps": 1000})
     service.wait_until_step(job_id, 5)
     worker.send_signal(signal.SIGTERM)  # e.g. `docker compose stop worker`
     assert worker.wait(timeout=60) == 0
