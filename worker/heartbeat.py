@@ -26,7 +26,8 @@ class Heartbeat:
         self.worker_id = worker_id
         self.interval_seconds = interval_seconds
         self.stop_requested = threading.Event()
-        self.reason: str | None = None  # "cancelled" or "claim_lost" once stop_requested is set
+        # Once stop_requested is set: "cancelled", "claim_lost" or "shutdown" (SIGTERM).
+        self.reason: str | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 

@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 
 class JobStopped(Exception):
-    """The job must stop now: cancelled by its owner, or its claim was given to another attempt."""
+    """The job must stop now: cancelled by its owner, its claim given to another attempt, or its
+    worker shutting down (then it is handed back to the queue)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
