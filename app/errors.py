@@ -22,12 +22,25 @@ class TuneserveError(Exception):
     status_code = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, detail: Any = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: Any = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.detail = detail
+        self.headers = headers
         if code is not None:
             self.code = code
+
+
+class Unauthorized(TuneserveError):
+    status_code = 401
+    code = "invalid_api_key"
 
 
 class NotFound(TuneserveError):
@@ -48,6 +61,11 @@ class InvalidRequest(TuneserveError):
 class PayloadTooLarge(TuneserveError):
     status_code = 413
     code = "payload_too_large"
+
+
+class TooManyRequests(TuneserveError):
+    status_code = 429
+    code = "rate_limited"
 
 
 class ServiceUnavailable(TuneserveError):
@@ -80,6 +98,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(exc.code, exc.message, jsonable_encoder(exc.detail)),
             status_code=exc.status_code,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)

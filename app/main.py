@@ -5,17 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from app import __doc__ as summary
 from app.adapters.endpoints import router as adapters_router
 from app.base_models.endpoints import router as models_router
+from app.deps import get_caller
 from app.errors import install_error_handlers
 from app.files.endpoints import router as files_router
 from app.inference.endpoints import router as inference_router
 from app.inference.engine import InferenceEngine
 from app.jobs.endpoints import router as jobs_router
 from app.logs import configure_logging
+from app.request_size import RequestSizeLimit
 from app.settings import get_settings
 
 
@@ -28,11 +30,22 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app() -> FastAPI:
-    configure_logging(get_settings().log_level)
+    settings = get_settings()
+    configure_logging(settings.log_level)
     app = FastAPI(title="tuneserve", description=summary or "", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(RequestSizeLimit, settings=settings)
+    # Every route but health needs an API key (401 without one); see app/deps.py.
+    authenticated = [Depends(get_caller)]
     for router in (jobs_router, files_router, adapters_router, inference_router, models_router):
-        app.include_router(router)
+        app.include_router(
+            router,
+            dependencies=authenticated,
+            responses={
+                401: {"description": "No API key, or one that is unknown or revoked."},
+                429: {"description": "Over the key's requests per minute (see Retry-After)."},
+            },
+        )
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     def healthz() -> dict[str, str]:

@@ -61,10 +61,42 @@ class Settings(BaseSettings):
         description="Directories a file:// dataset URL may point into (JSON list).",
     )
     max_dataset_bytes: int = Field(
-        default=512 * 1024 * 1024, gt=0, description="Largest dataset file fetched or uploaded."
+        default=512 * 1024 * 1024,
+        gt=0,
+        description="Largest dataset file fetched or uploaded, and largest once decompressed.",
+    )
+    max_dataset_rows: int = Field(
+        default=1_000_000, gt=0, description="Most rows a dataset file may hold."
     )
     fetch_timeout_seconds: float = Field(
-        default=60.0, gt=0, description="Timeout for fetching a dataset URL."
+        default=60.0, gt=0, description="Timeout of each network step of fetching a dataset URL."
+    )
+    fetch_max_seconds: float = Field(
+        default=900.0, gt=0, description="Longest a whole dataset download may take."
+    )
+    allow_private_networks: bool = Field(
+        default=False,
+        description="Let dataset URLs reach loopback, private and link-local addresses (off: "
+        "only public hosts, so a URL cannot probe the internal network).",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="The CLI's API key. Default: the local key `tuneserve up` saved in the data "
+        "dir.",
+    )
+    rate_limit_per_minute: int = Field(
+        default=600, ge=1, description="Requests per minute per API key (429 beyond)."
+    )
+    rate_limit_storage_url: str = Field(
+        default="memory://",
+        description="Where request counts live: memory:// (one api process) or "
+        "redis://host:6379/1 (shared by api replicas).",
+    )
+    max_jobs_in_flight: int = Field(
+        default=20, ge=1, description="Queued or running jobs one owner may have at once."
+    )
+    max_request_bytes: int = Field(
+        default=8 * 1024 * 1024, gt=0, description="Largest JSON request body."
     )
     progress_interval_seconds: float = Field(
         default=2.0, gt=0, description="How often a training job writes progress to SQL."
@@ -138,6 +170,10 @@ class Settings(BaseSettings):
     @property
     def celery_broker_url(self) -> str:
         return self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.data_dir / "api_key"
 
     @property
     def artifacts_dir(self) -> Path:

@@ -13,9 +13,10 @@ class ApiError(Exception):
 
 
 class Client:
-    def __init__(self, base_url: str, timeout: float = 300.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 300.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
@@ -29,6 +30,11 @@ class Client:
             try:
                 error = response.json()["error"]
                 message = f"{error['message']} [{error['code']}, HTTP {response.status_code}]"
+                if response.status_code == 401:
+                    message += (
+                        " The CLI sends TUNESERVE_API_KEY, or else the key `tuneserve up` saved "
+                        "in the data dir."
+                    )
             except (ValueError, KeyError, TypeError):
                 message = f"HTTP {response.status_code}: {response.text[:500]}"
             raise ApiError(message)

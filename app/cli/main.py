@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from app.cli.client import ApiError, Client
+from app.cli.keys import keys_app
 from app.settings import get_settings
 
 app = typer.Typer(help="tuneserve: self-hosted LoRA fine-tuning.", no_args_is_help=True)
@@ -20,6 +21,7 @@ db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(keys_app, name="keys")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -29,7 +31,11 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 def _client(url: str | None) -> Client:
-    return Client(url or get_settings().api_url)
+    from app.keys.service import read_key_file
+
+    settings = get_settings()
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    return Client(url or settings.api_url, api_key=key or read_key_file(settings.api_key_file))
 
 
 def _call(client: Client, method: str, path: str, **kwargs: Any) -> Any:
@@ -54,10 +60,17 @@ def up(
 ) -> None:
     """Migrate, then run the api, one worker and the scheduler until Ctrl-C."""
     from app.cli.processes import Supervisor, api_command, scheduler_command, worker_command
+    from app.keys.service import ensure_local_key
     from app.migrate import upgrade_database
 
     settings = get_settings()
     upgrade_database()
+    new_key = ensure_local_key(settings.api_key_file)
+    if new_key is not None:
+        console.print(
+            f"Created the local API key (saved in {settings.api_key_file}, where the CLI finds "
+            f"it; send it as `Authorization: Bearer <key>`):\n{new_key}"
+        )
     supervisor = Supervisor(console)
     supervisor.start("api", api_command(host, port))
     supervisor.start("worker", worker_command(settings.worker_queues))

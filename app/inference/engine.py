@@ -10,6 +10,7 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from app.base_models.loading import load_causal_lm, load_tokenizer
@@ -98,6 +99,7 @@ class InferenceEngine:
         else:
             store = artifact_store(self.settings)
             path = str(store.cached_dir(path, self.settings.data_dir / "artifact-cache"))
+            _require_safetensors(Path(path), key)
             if not isinstance(loaded.model, PeftModel):
                 loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=key)
             else:
@@ -174,6 +176,16 @@ class InferenceEngine:
             finish_reason=finish,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(new_tokens),
+        )
+
+
+def _require_safetensors(directory: Path, key: str) -> None:
+    """PEFT falls back to a pickled adapter_model.bin (unpickling runs code) when the
+    safetensors file is missing: weights load from safetensors only."""
+    if not (directory / "adapter_model.safetensors").is_file():
+        raise InvalidRequest(
+            f"Adapter {key} has no adapter_model.safetensors; only safetensors weights are loaded.",
+            code="adapter_not_safetensors",
         )
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
 from app.errors import InvalidRequest, NotFound
-from app.jobs.models import Job, JobCheckpoint, JobMetric, JobStatus
+from app.jobs.models import TERMINAL_STATUSES, Job, JobCheckpoint, JobMetric, JobStatus
 
 
 def get_job(session: Session, *, owner: str, job_id: str) -> Job:
@@ -24,6 +24,12 @@ def get_job_by_idempotency_key(session: Session, *, owner: str, key: str) -> Job
 def job_status(session: Session, job_id: str) -> JobStatus | None:
     """The status as it is in SQL now (None: no such job), without loading the row."""
     return session.scalar(select(Job.status).where(Job.id == job_id))
+
+
+def count_in_flight(session: Session, *, owner: str) -> int:
+    """Jobs of the owner that are queued or running (not yet in a terminal status)."""
+    query = select(func.count()).where(Job.owner == owner, Job.status.not_in(TERMINAL_STATUSES))
+    return session.scalar(query) or 0
 
 
 def list_jobs(

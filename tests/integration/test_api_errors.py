@@ -22,7 +22,7 @@ JOB = "<failed-job>"  # a job on the tiny model whose dataset failed validation:
 DROP = object()  # as a value in a body change: remove that key from the base body
 
 # Passes the submit-time URL checks; a job wrongly accepted with it fails fast (nothing listens).
-UNREACHABLE = "http://127.0.0.1:9/train.jsonl"
+UNREACHABLE = "http://tuneserve-test-unreachable.invalid/train.jsonl"
 JOB_BODY: dict[str, Any] = {"base_model": MODEL, "dataset_url": UNREACHABLE}
 GEN_BODY: dict[str, Any] = {"base_model": MODEL, "prompt": "Hello", "max_new_tokens": 4}
 ERROR_KEYS = {"code", "message", "detail"}

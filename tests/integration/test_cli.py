@@ -141,7 +141,11 @@ def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, up)
         assert (tmp_path / "data" / "tuneserve.sqlite").is_file()  # migrated on start
-        assert httpx.get(f"{url}/jobs").json()["data"] == []
+        key_file = tmp_path / "data" / "api_key"
+        assert key_file.stat().st_mode & 0o777 == 0o600  # the local key, for the owner only
+        assert httpx.get(f"{url}/jobs").status_code == 401
+        headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
+        assert httpx.get(f"{url}/jobs", headers=headers).json()["data"] == []
         deadline = time.monotonic() + 30
         while len(children := _children(up.pid)) < 3 and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -151,6 +155,8 @@ def test_up_runs_everything_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None
         output, _ = up.communicate(timeout=60)
     assert up.returncode == 0, output
     assert "tuneserve is up" in output
+    assert "Created the local API key" in output
+    assert output.count(key_file.read_text().strip()) == 1  # printed once, on first start
     assert all(not Path(f"/proc/{pid}").exists() for pid in children), output
 
 

@@ -23,7 +23,14 @@ import pytest
 
 from tests.corpus import arithmetic_rows, jsonl
 from tests.fixtures.env import SESSION_DIR, STACK, TEST_ENV
-from tests.fixtures.service import Service, free_port, start, stop, wait_until_healthy
+from tests.fixtures.service import (
+    Service,
+    free_port,
+    local_key_headers,
+    start,
+    stop,
+    wait_until_healthy,
+)
 
 QUEUE = "training-faults"
 FAULT_ENV = {
@@ -67,7 +74,7 @@ def faults(service: Service, tiny_model: str) -> Iterator[FaultStack]:
     logs = SESSION_DIR / "logs"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, headers=local_key_headers(), timeout=60) as client:
         stack = FaultStack(port=port, logs=logs, service=Service(url=url, client=client, logs=logs))
         try:
             stack.start("api")
@@ -224,7 +231,7 @@ def test_fifty_concurrent_submissions_train_once_each(faults: FaultStack, tiny_m
     }
 
     def submit(index: int) -> httpx.Response:
-        with httpx.Client(base_url=service.url, timeout=60) as client:
+        with httpx.Client(base_url=service.url, headers=local_key_headers(), timeout=60) as client:
             return client.post("/jobs", json={**body, "metadata": {"n": str(index)}})
 
     with ThreadPoolExecutor(max_workers=50) as pool:
@@ -253,7 +260,7 @@ def test_fifty_pollers_while_a_job_trains(faults: FaultStack, tiny_model: str) -
     done = threading.Event()
 
     def poll() -> None:
-        with httpx.Client(base_url=service.url, timeout=60) as client:
+        with httpx.Client(base_url=service.url, headers=local_key_headers(), timeout=60) as client:
             while not done.is_set():
                 answer = client.get(f"/jobs/{job_id}")
                 with lock:

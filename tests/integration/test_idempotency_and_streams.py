@@ -15,10 +15,10 @@ import httpx
 import pytest
 
 from tests.corpus import arithmetic_rows, jsonl
-from tests.fixtures.service import Service
+from tests.fixtures.service import Service, local_key_headers
 
 # Passes the submit-time URL checks; a job on it fails fast (nothing listens), with no training.
-UNREACHABLE = "http://127.0.0.1:9/train.jsonl"
+UNREACHABLE = "http://tuneserve-test-unreachable.invalid/train.jsonl"
 FAST = {"n_epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "max_seq_length": 128}
 # No worker of the test service listens to training-rocm: a job sent there stays queued.
 NEVER_CLAIMED = {"accelerator": "rocm"}
@@ -126,7 +126,10 @@ def test_identical_requests_racing_make_one_job(service: Service, tiny_model: st
     def send(_: int) -> httpx.Response:
         start.wait()
         return httpx.post(
-            f"{service.url}/jobs", json=body, headers={"Idempotency-Key": key}, timeout=60
+            f"{service.url}/jobs",
+            json=body,
+            headers={"Idempotency-Key": key, **local_key_headers()},
+            timeout=60,
         )
 
     with ThreadPoolExecutor(10) as pool:

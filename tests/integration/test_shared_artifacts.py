@@ -13,7 +13,15 @@ import httpx
 import pytest
 
 from tests.corpus import arithmetic_rows, jsonl
-from tests.fixtures.service import Service, free_port, start, stop, wait_until_healthy
+from tests.fixtures.service import (
+    Service,
+    auth,
+    create_api_key,
+    free_port,
+    start,
+    stop,
+    wait_until_healthy,
+)
 from tests.integration.test_storage_s3 import (  # noqa: F401  (fixture)
     ACCESS_KEY,
     BUCKET,
@@ -62,7 +70,8 @@ def split_service(
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, api)
-        with httpx.Client(base_url=url, timeout=120) as client:
+        headers = auth(create_api_key("split", database_url=database))
+        with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
             yield Service(url=url, client=client, logs=logs), api_dir, worker_dir, prefix
     finally:
         stop(api)

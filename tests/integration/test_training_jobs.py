@@ -157,9 +157,10 @@ def test_rows_longer_than_max_seq_length_fail_clearly(service: Service, tiny_mod
 
 def test_unreachable_dataset_url_fails_the_job(service: Service, tiny_model: str) -> None:
     job = service.wait_for(
-        service.create_job(base_model=tiny_model, dataset_url="http://127.0.0.1:9/train.jsonl")[
-            "id"
-        ]
+        service.create_job(
+            base_model=tiny_model,
+            dataset_url="http://tuneserve-test-unreachable.invalid/train.jsonl",
+        )["id"]
     )
     assert job["status"] == "failed"
     assert job["error"]["code"] == "dataset_fetch_failed"

@@ -1,0 +1,1 @@
+"""API keys: who is calling, and which owner their resources belong to."""

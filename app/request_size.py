@@ -1,0 +1,74 @@
+"""Refuse request bodies over their limit before they are read into memory or onto disk."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import PayloadTooLarge, error_body
+from app.settings import Settings
+
+# Multipart form fields and boundaries around an uploaded file.
+UPLOAD_OVERHEAD = 1024 * 1024
+UPLOAD_PATHS = ("/files", "/v1/files")
+
+
+class BodyTooLarge(PayloadTooLarge):
+    code = "request_too_large"
+
+
+def body_limit(settings: Settings, path: str) -> tuple[int, str]:
+    """The largest body a request to path may send, and the setting that decides it."""
+    if path.rstrip("/") in UPLOAD_PATHS:
+        return settings.max_dataset_bytes + UPLOAD_OVERHEAD, "TUNESERVE_MAX_DATASET_BYTES"
+    return settings.max_request_bytes, "TUNESERVE_MAX_REQUEST_BYTES"
+
+
+class RequestSizeLimit:
+    """413 for a Content-Length over the limit at once; a body that streams past it (chunked,
+    or a lying Content-Length) fails while it is read, inside the route, in the usual error
+    shape."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, setting = body_limit(self.settings, scope["path"])
+        message = f"The request body is larger than {limit} bytes ({setting})."
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await _refuse(send, message)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(message)
+            return event
+
+        await self.app(scope, counted, send)
+
+
+async def _refuse(send: Send, message: str) -> None:
+    body = json.dumps(error_body(BodyTooLarge.code, message)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
