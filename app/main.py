@@ -18,7 +18,7 @@ from app.inference.engine import InferenceEngine
 from app.jobs.endpoints import router as jobs_router
 from app.logs import configure_logging
 from app.request_size import RequestSizeLimit
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 
 @asynccontextmanager
@@ -29,10 +29,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-def create_app() -> FastAPI:
-    settings = get_settings()
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The api; `settings` replaces the environment's (tests, embedding)."""
+    settings = settings or get_settings()
     configure_logging(settings.log_level)
     app = FastAPI(title="tuneserve", description=summary or "", version="0.1.0", lifespan=lifespan)
+    if settings is not get_settings():
+        app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
     app.add_middleware(RequestSizeLimit, settings=settings)
     # Every route but health needs an API key (401 without one); see app/deps.py.

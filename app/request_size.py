@@ -6,7 +6,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import PayloadTooLarge, error_body
+from app.errors import error_body
 from app.settings import Settings
 
 # Multipart form fields and boundaries around an uploaded file.
@@ -14,8 +14,7 @@ UPLOAD_OVERHEAD = 1024 * 1024
 UPLOAD_PATHS = ("/files", "/v1/files")
 
 
-class BodyTooLarge(PayloadTooLarge):
-    code = "request_too_large"
+TOO_LARGE = "request_too_large"
 
 
 def body_limit(settings: Settings, path: str) -> tuple[int, str]:
@@ -27,8 +26,8 @@ def body_limit(settings: Settings, path: str) -> tuple[int, str]:
 
 class RequestSizeLimit:
     """413 for a Content-Length over the limit at once; a body that streams past it (chunked,
-    or a lying Content-Length) fails while it is read, inside the route, in the usual error
-    shape."""
+    or a lying Content-Length) gets the 413 as soon as it crosses the limit, and the app sees
+    the client as gone."""
 
     def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
@@ -45,21 +44,34 @@ class RequestSizeLimit:
             await _refuse(send, message)
             return
         received = 0
+        refused = False
 
         async def counted() -> Message:
-            nonlocal received
+            nonlocal received, refused
+            if refused:
+                return {"type": "http.disconnect"}
             event = await receive()
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(message)
+                    refused = True
+                    await _refuse(send, message)
+                    return {"type": "http.disconnect"}
             return event
 
-        await self.app(scope, counted, send)
+        async def unless_refused(event: Message) -> None:
+            if not refused:
+                await send(event)
+
+        try:
+            await self.app(scope, counted, unless_refused)
+        except Exception:
+            if not refused:  # the app's trouble with the cut-off body is no news
+                raise
 
 
 async def _refuse(send: Send, message: str) -> None:
-    body = json.dumps(error_body(BodyTooLarge.code, message)).encode()
+    body = json.dumps(error_body(TOO_LARGE, message)).encode()
     await send(
         {
             "type": "http.response.start",
