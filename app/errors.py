@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,34 @@ class TooManyRequests(TuneserveError):
 class ServiceUnavailable(TuneserveError):
     status_code = 503
     code = "unavailable"
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    detail: Any = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer of the api."""
+
+    error: ErrorInfo
+
+
+_ERROR_MEANINGS = {
+    400: "Bad input; the message says what and where.",
+    401: "No API key, or one that is unknown or revoked.",
+    404: "No such resource for this key's owner.",
+    409: "Conflicts with the resource's state.",
+    413: "The request body or upload is too large.",
+    422: "The request does not match the schema; detail lists each field.",
+    429: "Over a limit (requests per minute, jobs in flight); see Retry-After.",
+    503: "A dependency (database, broker, model) is unavailable; retry.",
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": meaning}
+    for status, meaning in _ERROR_MEANINGS.items()
+}
 
 
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from app import __doc__ as summary
 from app.adapters.endpoints import router as adapters_router
 from app.base_models.endpoints import router as models_router
 from app.deps import get_caller
-from app.errors import install_error_handlers
+from app.errors import ERROR_RESPONSES, install_error_handlers
 from app.files.endpoints import router as files_router
 from app.inference.endpoints import router as inference_router
 from app.inference.engine import InferenceEngine
@@ -23,9 +23,7 @@ from app.settings import Settings, get_settings
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings = get_settings()
-    settings.ensure_dirs()
-    app.state.engine = InferenceEngine(settings)
+    app.state.settings.ensure_dirs()
     yield
 
 
@@ -36,19 +34,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="tuneserve", description=summary or "", version="0.1.0", lifespan=lifespan)
     if settings is not get_settings():
         app.dependency_overrides[get_settings] = lambda: settings
+    app.state.settings = settings
+    app.state.engine = InferenceEngine(settings)  # loads models on first use
     install_error_handlers(app)
     app.add_middleware(RequestSizeLimit, settings=settings)
     # Every route but health needs an API key (401 without one); see app/deps.py.
     authenticated = [Depends(get_caller)]
     for router in (jobs_router, files_router, adapters_router, inference_router, models_router):
-        app.include_router(
-            router,
-            dependencies=authenticated,
-            responses={
-                401: {"description": "No API key, or one that is unknown or revoked."},
-                429: {"description": "Over the key's requests per minute (see Retry-After)."},
-            },
-        )
+        app.include_router(router, dependencies=authenticated, responses=ERROR_RESPONSES)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     def healthz() -> dict[str, str]:
