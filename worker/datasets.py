@@ -78,14 +78,21 @@ def _bring_here(
             allowed_file_dirs=settings.allowed_file_dirs,
             max_bytes=settings.max_dataset_bytes,
             timeout_seconds=settings.fetch_timeout_seconds,
+            max_seconds=settings.fetch_max_seconds,
+            allow_private_networks=settings.allow_private_networks,
         )
     except FetchError as exc:
         raise JobFailure(exc.code, f"{field_name}: {exc.message}") from exc
 
 
-def _parse(fetched: FetchedDataset, field_name: str) -> ParsedDataset:
+def _parse(fetched: FetchedDataset, field_name: str, settings: Settings) -> ParsedDataset:
     try:
-        return parse_dataset(fetched.path, filename=fetched.filename)
+        return parse_dataset(
+            fetched.path,
+            filename=fetched.filename,
+            max_bytes=settings.max_dataset_bytes,
+            max_rows=settings.max_dataset_rows,
+        )
     except DatasetError as exc:
         detail = {
             "field": field_name,
@@ -163,7 +170,7 @@ def prepare_datasets(
         url: str, name: str, field_name: str
     ) -> tuple[FetchedDataset, ParsedDataset, list[int]]:
         fetched = _bring_here(job, url, settings, workdir / name, field_name)
-        parsed = _parse(fetched, field_name)
+        parsed = _parse(fetched, field_name, settings)
         counts = _token_counts(parsed, tokenizer)
         _check_lengths(parsed, counts, max_seq_length, fetched, field_name)
         return fetched, parsed, counts

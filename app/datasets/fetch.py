@@ -2,6 +2,10 @@
 
 Accepts http(s):// URLs and file:// paths under operator-approved directories. Uploaded file ids
 ("file-…") are resolved by the caller; only their syntax is checked here.
+
+http(s) downloads go through app.outbound: unless private networks are allowed, only public
+addresses are reached (checked after DNS, connection pinned to the checked address, every
+redirect re-checked), within a byte cap, a per-step timeout and a deadline for the whole download.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import re
 import stat
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +25,21 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
 
+from app import outbound
+
 __all__ = ["FetchError", "FetchedDataset", "fetch_dataset", "validate_dataset_url"]
 
 ACCEPTED_FORMS = (
     "an uploaded file id (file-…), an http(s):// URL, or a file:// path under an allowed directory"
 )
-MAX_REDIRECTS = 5
+MAX_REDIRECTS = outbound.MAX_REDIRECTS
 _CHUNK_SIZE = 1024 * 1024
 _UPLOAD_ID = re.compile(r"file-[A-Za-z0-9_-]+")
 _ALLOWED_DIRS_SETTING = "TUNESERVE_ALLOWED_FILE_DIRS"
+_PUBLIC_HOSTS_ADVICE = (
+    "dataset URLs must point at public hosts. Upload the file with POST /files, or ask the "
+    "operator to set TUNESERVE_ALLOW_PRIVATE_NETWORKS=true."
+)
 
 
 @dataclass(frozen=True)
@@ -59,14 +70,17 @@ def _invalid(reason: str) -> FetchError:
 def _redact(url: str) -> str:
     """The URL without credentials or query string, which may hold signed tokens."""
     try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port is not None else ""
+        scheme = urlsplit(url).scheme
     except ValueError:
         return "the dataset URL"
-    if parts.scheme in ("http", "https"):
-        return f"{parts.scheme}://{host}{port}{parts.path}"
+    if scheme in ("http", "https"):
+        return outbound.redact(url, fallback="the dataset URL")
     return url
+
+
+def _forbidden_host(exc: outbound.Forbidden) -> FetchError:
+    advice = _PUBLIC_HOSTS_ADVICE if exc.reason is not None else "upload the file with POST /files."
+    return FetchError("dataset_url_forbidden", f"{exc}; {advice}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,12 +129,24 @@ def _check_file_url(url: str, parts: SplitResult) -> None:
         raise _invalid(f"{url!r} does not name an absolute path, e.g. file:///data/train.jsonl")
 
 
-def validate_dataset_url(url: str, *, allowed_file_dirs: Sequence[Path] | None = None) -> None:
-    """Cheap check, so the API can reject a bad URL before queueing anything: the syntax, and
-    for file:// (when allowed_file_dirs is given) that the path lies under an allowed directory."""
+def validate_dataset_url(
+    url: str,
+    *,
+    allowed_file_dirs: Sequence[Path] | None = None,
+    allow_private_networks: bool = False,
+) -> None:
+    """Cheap check, so the API can reject a bad URL before queueing anything: the syntax; for
+    file:// (when allowed_file_dirs is given) that the path lies under an allowed directory; for
+    http(s), unless allow_private_networks, that the host is not "localhost" or a non-public IP
+    literal. No DNS lookup: fetch_dataset checks what a host name resolves to."""
     kind, parts = _classify(url)
     if kind == "file" and parts is not None and allowed_file_dirs is not None:
         _under_allowed(Path(unquote(parts.path)), allowed_file_dirs)
+    if kind == "http" and not allow_private_networks:
+        try:
+            outbound.check_url_literal(url)
+        except outbound.Forbidden as exc:
+            raise _forbidden_host(exc) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,8 +210,7 @@ def _filename_from_url(url: httpx.URL) -> str:
     return name if name not in ("", ".", "..") else "dataset"
 
 
-def _check_response(response: httpx.Response, max_bytes: int) -> None:
-    shown = _redact(str(response.url))
+def _check_response(response: httpx.Response, shown: str, max_bytes: int) -> None:
     status = response.status_code
     if status in (404, 410):
         raise FetchError(
@@ -210,35 +235,70 @@ def _check_response(response: httpx.Response, max_bytes: int) -> None:
         raise _too_large(shown, max_bytes, int(length))
 
 
-def _fetch_http(url: str, dest: Path, max_bytes: int, timeout_seconds: float) -> FetchedDataset:
+@dataclass(frozen=True)
+class _HttpLimits:
+    max_bytes: int
+    timeout_seconds: float
+    max_seconds: float
+    allow_private_networks: bool
+
+
+def _fetch_http(url: str, dest: Path, limits: _HttpLimits) -> FetchedDataset:
     shown = _redact(url)
+    started = time.monotonic()
     try:
-        with (
-            httpx.Client(
-                follow_redirects=True, max_redirects=MAX_REDIRECTS, timeout=timeout_seconds
-            ) as client,
-            client.stream("GET", url) as response,
-        ):
-            _check_response(response, max_bytes)
+        with outbound.open_guarded(
+            url,
+            allow_private=limits.allow_private_networks,
+            timeout=limits.timeout_seconds,
+            max_seconds=limits.max_seconds,
+            max_redirects=MAX_REDIRECTS,
+        ) as guarded:
+            final = _redact(str(guarded.url))
+            _check_response(guarded.response, final, limits.max_bytes)
             with _atomic_file(dest) as fh:
-                sink = _HashingSink(fh, max_bytes, _redact(str(response.url)))
-                for chunk in response.iter_bytes(_CHUNK_SIZE):
+                # The cap counts decoded bytes: a small gzip Content-Encoding cannot bypass it.
+                sink = _HashingSink(fh, limits.max_bytes, final)
+                for chunk in guarded.iter_bytes():
                     sink.write(chunk)
             return FetchedDataset(
                 path=dest,
-                filename=_filename_from_url(response.url),
+                filename=_filename_from_url(guarded.url),
                 bytes=sink.size,
                 sha256=sink.digest.hexdigest(),
-                etag=response.headers.get("etag"),
+                etag=guarded.response.headers.get("etag"),
             )
-    except httpx.TooManyRedirects as exc:
-        raise _fetch_failed(shown, f"more than {MAX_REDIRECTS} redirects") from exc
+    except outbound.OutboundError as exc:
+        raise _from_outbound(shown, exc, limits.max_seconds) from exc
     except httpx.TimeoutException as exc:
-        raise _fetch_failed(shown, f"no response within {timeout_seconds:g} seconds") from exc
+        # Near the deadline a step's timeout is cut short; say which limit was hit.
+        if time.monotonic() - started >= limits.max_seconds:
+            raise _deadline_exceeded(shown, limits.max_seconds) from exc
+        reason = f"no response within {limits.timeout_seconds:g} seconds"
+        raise _fetch_failed(shown, reason) from exc
     except httpx.HTTPError as exc:
         raise _fetch_failed(shown, str(exc) or type(exc).__name__) from exc
     except httpx.InvalidURL as exc:
         raise _invalid(f"{shown!r} is not a valid URL ({exc})") from exc
+
+
+def _from_outbound(shown: str, exc: outbound.OutboundError, max_seconds: float) -> FetchError:
+    if isinstance(exc, outbound.Forbidden):
+        return _forbidden_host(exc)
+    if isinstance(exc, outbound.DeadlineExceeded):
+        return _deadline_exceeded(shown, max_seconds)
+    if isinstance(exc, outbound.TooManyRedirects):
+        return _fetch_failed(shown, f"more than {MAX_REDIRECTS} redirects")
+    return _fetch_failed(shown, str(exc))  # Unresolvable, UnsupportedEncoding
+
+
+def _deadline_exceeded(shown: str, max_seconds: float) -> FetchError:
+    return FetchError(
+        "dataset_fetch_failed",
+        f"Downloading {shown} failed: it took longer than {max_seconds:g} s. Host the file "
+        "somewhere faster, upload it with POST /files, or ask the operator to raise "
+        "TUNESERVE_FETCH_MAX_SECONDS.",
+    )
 
 
 def _fetch_failed(shown: str, reason: str) -> FetchError:
@@ -344,14 +404,19 @@ def fetch_dataset(
     allowed_file_dirs: Sequence[Path],
     max_bytes: int,
     timeout_seconds: float,
+    max_seconds: float,
+    allow_private_networks: bool,
 ) -> FetchedDataset:
     """Download or copy the dataset at url to dest (atomically), hashing it on the way.
 
-    timeout_seconds bounds each network operation (connect, each read), not the whole download.
+    timeout_seconds bounds each network operation (connect, each read); max_seconds the whole
+    download. Unless allow_private_networks, an http(s) URL (and every redirect) must resolve to
+    public addresses only, or FetchError "dataset_url_forbidden" is raised.
     """
     kind, parts = _classify(url)
     if kind == "http":
-        return _fetch_http(url, dest, max_bytes, timeout_seconds)
+        limits = _HttpLimits(max_bytes, timeout_seconds, max_seconds, allow_private_networks)
+        return _fetch_http(url, dest, limits)
     if kind == "file" and parts is not None:
         return _fetch_file(parts, dest, allowed_file_dirs, max_bytes)
     raise _invalid(f"{url!r} is an uploaded file id; resolve it to its stored file instead")

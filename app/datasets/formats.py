@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -34,6 +35,8 @@ _ERRORS_IN_MESSAGE = 5
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 _UTF8_BOM = "\ufeff"
+# How much a gzip file is inflated at a time, so a "zip bomb" stops at the size limit.
+_INFLATE_CHUNK = 1024 * 1024
 
 
 class DatasetFormat(StrEnum):
@@ -397,15 +400,35 @@ def _sniff_text_container(text: str) -> str | None:
     return None
 
 
-def _decompress(data: bytes) -> bytes:
+def _decompress(data: bytes, max_bytes: int | None) -> bytes:
+    """gzip.decompress (every member of a multi-member file), refusing to grow past max_bytes."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return gzip.decompress(data)
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as fh:
+            while chunk := fh.read(_INFLATE_CHUNK):
+                size += len(chunk)
+                if max_bytes is not None and size > max_bytes:
+                    raise _too_large_error(
+                        f"The file decompresses to more than {max_bytes} bytes, the limit for a "
+                        "dataset once decompressed"
+                    )
+                chunks.append(chunk)
     except (OSError, EOFError, zlib.error) as exc:
         raise DatasetError(
             "dataset_unreadable",
             f"The file looks gzip-compressed but could not be decompressed ({exc}). It may be "
             "truncated or corrupt; compress it again (gzip) or upload it uncompressed.",
         ) from exc
+    return b"".join(chunks)
+
+
+def _too_large_error(what: str) -> DatasetError:
+    return DatasetError(
+        "dataset_too_large",
+        f"{what}. Split it into smaller datasets, or ask the operator to raise "
+        "TUNESERVE_MAX_DATASET_BYTES.",
+    )
 
 
 def _decode(data: bytes, compressed: bool) -> str:
@@ -539,26 +562,42 @@ def _read_parquet(data: bytes) -> Iterator[_RawRow]:
         yield _RawRow(index, row)
 
 
-def _read_rows(data: bytes, name: str) -> list[_RawRow]:
+def _at_most(rows: Iterable[_RawRow], max_rows: int | None) -> list[_RawRow]:
+    """The rows, stopping with dataset_too_large at the first one past max_rows."""
+    if max_rows is None:
+        return list(rows)
+    kept = list(itertools.islice(rows, max_rows + 1))
+    if len(kept) > max_rows:
+        raise DatasetError(
+            "dataset_too_large",
+            f"The dataset has more than {max_rows} rows; split it into smaller datasets or ask "
+            "the operator to raise TUNESERVE_MAX_DATASET_ROWS.",
+        )
+    return kept
+
+
+def _read_rows(
+    data: bytes, name: str, max_bytes: int | None = None, max_rows: int | None = None
+) -> list[_RawRow]:
     compressed = data.startswith(_GZIP_MAGIC)
     # Decide on the magic bytes, not the ".gz" suffix: HTTP clients transparently undo
     # Content-Encoding: gzip, so a "train.jsonl.gz" can legitimately arrive decompressed.
     if compressed:
-        data = _decompress(data)
+        data = _decompress(data, max_bytes)
     container = _container_from_name(name)
     if container == "parquet" or (container is None and data.startswith(_PARQUET_MAGIC)):
-        return list(_read_parquet(data))
+        return _at_most(_read_parquet(data), max_rows)
 
     text = _decode(data, compressed)
     if not text.strip():
         return []
     container = container or _sniff_text_container(text)
     if container == "jsonl":
-        return list(_read_jsonl(text))
+        return _at_most(_read_jsonl(text), max_rows)
     if container == "json":
-        return list(_read_json_or_jsonl(text))
+        return _at_most(_read_json_or_jsonl(text), max_rows)
     if container == "csv":
-        return list(_read_csv(text))
+        return _at_most(_read_csv(text), max_rows)
     raise DatasetError(
         "dataset_unreadable",
         f"Could not tell what kind of file {name!r} is. Use one of: .jsonl, .ndjson, .json "
@@ -623,17 +662,28 @@ def _check_row(
     return _NORMALISERS[fmt](value, row.line, errors)
 
 
-def parse_dataset(path: Path, *, filename: str | None = None) -> ParsedDataset:
+def parse_dataset(
+    path: Path,
+    *,
+    filename: str | None = None,
+    max_bytes: int | None = None,
+    max_rows: int | None = None,
+) -> ParsedDataset:
     """Read, validate and normalise a dataset file for TRL's SFTTrainer.
 
     ``filename`` is the user's original file name, used for suffix detection when ``path`` is a
-    storage name without one. Raises DatasetError describing every problem found.
+    storage name without one. ``max_bytes`` caps the file's size and, for a gzip file, its
+    decompressed size; ``max_rows`` the number of rows (None: no cap). Raises DatasetError
+    describing every problem found ("dataset_too_large" past a cap).
     """
     name = filename or path.name
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise _too_large_error(f"The file ({size} bytes) is larger than the {max_bytes}-byte limit")
     data = path.read_bytes()
     if not data:
         raise _empty_error()
-    rows = _read_rows(data, name)
+    rows = _read_rows(data, name, max_bytes, max_rows)
     if not rows:
         raise _empty_error()
 

@@ -16,10 +16,7 @@ from app.adapters.models import Adapter
 from app.base_models.registry import get_base_model
 from app.datasets.fetch import FetchError, validate_dataset_url
 from app.db import after_commit, unit_of_work, utcnow
-from app.errors import (
-    InvalidRequest,
-    NotFound,
-)
+from app.errors import InvalidRequest, NotFound, TooManyRequests
 from app.files.repository import get_file
 from app.idempotency import check_idempotency_key, ensure_same_request, request_hash
 from app.ids import new_id
@@ -47,6 +44,14 @@ class InvalidDatasetUrl(InvalidRequest):
 def _check_dataset_url(
     session: Session, *, owner: str, url: str, field: str, settings: Settings
 ) -> None:
+    try:
+        validate_dataset_url(
+            url,
+            allowed_file_dirs=settings.allowed_file_dirs,
+            allow_private_networks=settings.allow_private_networks,
+        )
+    except FetchError as exc:
+        raise InvalidDatasetUrl(f"{field}: {exc.message}", detail={"field": field}) from exc
     if url.startswith("file-"):
         try:
             get_file(session, owner=owner, file_id=url)
@@ -54,11 +59,17 @@ def _check_dataset_url(
             raise NotFound(
                 f"{field}: {exc.message}", code=exc.code, detail={"field": field}
             ) from exc
-        return
-    try:
-        validate_dataset_url(url, allowed_file_dirs=settings.allowed_file_dirs)
-    except FetchError as exc:
-        raise InvalidDatasetUrl(f"{field}: {exc.message}", detail={"field": field}) from exc
+
+
+def _check_jobs_in_flight(session: Session, *, owner: str, limit: int) -> None:
+    in_flight = repository.count_in_flight(session, owner=owner)
+    if in_flight >= limit:
+        raise TooManyRequests(
+            f"You have {in_flight} jobs queued or running, the most one owner may have "
+            "(TUNESERVE_MAX_JOBS_IN_FLIGHT). Submit again when one has finished, or cancel one.",
+            code="too_many_jobs",
+            headers={"Retry-After": "60"},
+        )
 
 
 def queue_for(accelerator: AcceleratorClass | None, settings: Settings) -> str:
@@ -106,6 +117,7 @@ def create_job(
         earlier = repository.get_job_by_idempotency_key(session, owner=owner, key=key)
         if earlier is not None:
             return _replay(earlier, key=key, request_hash=digest)
+    _check_jobs_in_flight(session, owner=owner, limit=settings.max_jobs_in_flight)
     base_model = get_base_model(settings, request.base_model)
     _check_dataset_url(
         session, owner=owner, url=request.dataset_url, field="dataset_url", settings=settings

@@ -96,6 +96,9 @@ def fetch(url: str, dest: Path, **overrides: object) -> FetchedDataset:
         "allowed_file_dirs": [],
         "max_bytes": 1_000_000,
         "timeout_seconds": 5.0,
+        "max_seconds": 30.0,
+        # These tests serve datasets from loopback; tests/unit/test_outbound.py covers refusal.
+        "allow_private_networks": True,
     }
     kwargs.update(overrides)
     return fetch_dataset(url, dest, **kwargs)  # type: ignore[arg-type]
@@ -435,8 +438,6 @@ def test_fetch_rejects_invalid_urls(url: str, tmp_path: Path, out: Path) -> None
         "file-2024_01-XYZ",
         "https://example.com/data/train.jsonl?download=1",
         "HTTPS://Example.com/t.jsonl",
-        "http://127.0.0.1:8000/t.jsonl",
-        "http://[::1]:8000/t.jsonl",
         "file:///data/train.jsonl",
         "file://localhost/data/train.jsonl",
         "file:///data/my%20train.jsonl",
@@ -444,6 +445,14 @@ def test_fetch_rejects_invalid_urls(url: str, tmp_path: Path, out: Path) -> None
 )
 def test_validate_accepts(url: str) -> None:
     validate_dataset_url(url)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/t.jsonl", "http://[::1]:8000/t.jsonl"])
+def test_validate_accepts_loopback_only_when_private_networks_are_allowed(url: str) -> None:
+    validate_dataset_url(url, allow_private_networks=True)
+    with pytest.raises(FetchError) as info:
+        validate_dataset_url(url)
+    assert info.value.code == "dataset_url_forbidden"
 
 
 def test_file_scheme_error_hints_three_slashes() -> None:
