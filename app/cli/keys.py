@@ -76,16 +76,19 @@ def keys_list(
     if as_json:
         console.print_json(json.dumps({"object": "list", "data": found}))
         return
-    table = Table("id", "name", "owner", "key starts", "created", "last used", "revoked")
+    table = Table()
+    table.add_column("id", no_wrap=True)  # whole: `keys revoke` needs it
+    for column in ("name", "owner", "key starts", "created", "last used", "revoked"):
+        table.add_column(column)
     for key in found:
         table.add_row(
             key["id"],
             key["name"],
             key["owner"],
             f"{key['prefix']}…",
-            key["created_at"][:19],
-            (key["last_used_at"] or "-")[:19],
-            (key["revoked_at"] or "-")[:19],
+            key["created_at"][:16].replace("T", " "),
+            (key["last_used_at"] or "-")[:16].replace("T", " "),
+            (key["revoked_at"] or "-")[:16].replace("T", " "),
         )
     console.print(table)
 
