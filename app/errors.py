@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -102,6 +103,26 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class OpenAIErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every 4xx and 5xx answer under /v1, as OpenAI's API shapes them."""
+
+    error: OpenAIErrorInfo
+
+
+OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIErrorBody, "description": meaning}
+    for status, meaning in _ERROR_MEANINGS.items()
+    if status != 422  # payload errors are 400s under /v1, as at OpenAI
+}
+
+
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "detail": detail}}
 
@@ -121,38 +142,72 @@ def _methods_of(app: FastAPI, path: str) -> list[str]:
     return sorted(methods)
 
 
+OPENAI_PREFIX = "/v1/"
+_OPENAI_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+
+
+def openai_error_body(
+    status: int, code: str, message: str, param: str | None = None
+) -> dict[str, Any]:
+    """The error shape of OpenAI's API, which its SDKs turn into their exception classes."""
+    kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _param(detail: Any) -> str | None:
+    if isinstance(detail, dict) and isinstance(detail.get("field"), str):
+        return str(detail["field"])
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        field = detail[0].get("field")
+        return str(field) if field is not None else None
+    return None
+
+
+def error_response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    detail: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The api's error shape, or OpenAI's under /v1 (where payload errors are 400s, as there)."""
+    if request.url.path.startswith(OPENAI_PREFIX):
+        status = 400 if status == 422 else status
+        body = openai_error_body(status, code, message, _param(detail))
+    else:
+        body = error_body(code, message, jsonable_encoder(detail))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TuneserveError)
-    async def _domain(_request: Request, exc: TuneserveError) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.code, exc.message, jsonable_encoder(exc.detail)),
-            status_code=exc.status_code,
-            headers=exc.headers,
+    async def _domain(request: Request, exc: TuneserveError) -> JSONResponse:
+        return error_response(
+            request, exc.status_code, exc.code, exc.message, exc.detail, exc.headers
         )
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         broken_json = [err for err in exc.errors() if err["type"] == "json_invalid"]
         if broken_json:
             position = broken_json[0]["loc"][-1]
             reason = broken_json[0].get("ctx", {}).get("error", "")
-            return JSONResponse(
-                error_body(
-                    "invalid_json",
-                    f"The request body is not valid JSON (at character {position}: {reason}). "
-                    "Send a JSON object with Content-Type: application/json.",
-                    {"position": position},
-                ),
-                status_code=400,
+            return error_response(
+                request,
+                400,
+                "invalid_json",
+                f"The request body is not valid JSON (at character {position}: {reason}). "
+                "Send a JSON object with Content-Type: application/json.",
+                {"position": position},
             )
         problems = [
             {"field": _location(tuple(err["loc"])), "message": err["msg"], "type": err["type"]}
             for err in exc.errors()
         ]
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
-        return JSONResponse(
-            error_body("validation_error", f"Invalid request: {summary}", problems),
-            status_code=422,
+        return error_response(
+            request, 422, "validation_error", f"Invalid request: {summary}", problems
         )
 
     @app.exception_handler(StarletteHTTPException)
@@ -165,16 +220,14 @@ def install_error_handlers(app: FastAPI) -> None:
             code, message = "method_not_allowed", f"{where} is not allowed; use {allowed}."
         else:
             code, message = "http_error", f"{where}: {exc.detail}"
-        return JSONResponse(
-            error_body(code, message), status_code=exc.status_code, headers=exc.headers
-        )
+        return error_response(request, exc.status_code, code, message, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(
-            error_body(
-                "internal_error", f"Internal error ({type(exc).__name__}); see server logs."
-            ),
-            status_code=500,
+        return error_response(
+            request,
+            500,
+            "internal_error",
+            f"Internal error ({type(exc).__name__}); see server logs.",
         )

@@ -11,12 +11,16 @@ from app import __doc__ as summary
 from app.adapters.endpoints import router as adapters_router
 from app.base_models.endpoints import router as models_router
 from app.deps import get_caller
-from app.errors import ERROR_RESPONSES, install_error_handlers
+from app.errors import ERROR_RESPONSES, OPENAI_ERROR_RESPONSES, install_error_handlers
 from app.files.endpoints import router as files_router
 from app.inference.endpoints import router as inference_router
 from app.inference.engine import InferenceEngine
 from app.jobs.endpoints import router as jobs_router
 from app.logs import configure_logging
+from app.openai.completions import router as openai_completions_router
+from app.openai.files import router as openai_files_router
+from app.openai.fine_tuning import router as openai_fine_tuning_router
+from app.openai.models import router as openai_models_router
 from app.request_size import RequestSizeLimit
 from app.settings import Settings, get_settings
 
@@ -40,8 +44,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestSizeLimit, settings=settings)
     # Every route but health needs an API key (401 without one); see app/deps.py.
     authenticated = [Depends(get_caller)]
-    for router in (jobs_router, files_router, adapters_router, inference_router, models_router):
+    native = (jobs_router, files_router, adapters_router, inference_router, models_router)
+    for router in native:
         app.include_router(router, dependencies=authenticated, responses=ERROR_RESPONSES)
+    # The OpenAI-compatible surface: a translation over the same services, OpenAI's error shape.
+    openai = (
+        openai_files_router,
+        openai_fine_tuning_router,
+        openai_models_router,
+        openai_completions_router,
+    )
+    for router in openai:
+        app.include_router(router, dependencies=authenticated, responses=OPENAI_ERROR_RESPONSES)
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     def healthz() -> dict[str, str]:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_body
+from app.errors import OPENAI_PREFIX, error_body, openai_error_body
 from app.settings import Settings
 
 # Multipart form fields and boundaries around an uploaded file.
@@ -40,8 +41,13 @@ class RequestSizeLimit:
         limit, setting = body_limit(self.settings, scope["path"])
         message = f"The request body is larger than {limit} bytes ({setting})."
         declared = dict(scope["headers"]).get(b"content-length", b"")
+        refusal = (
+            openai_error_body(413, TOO_LARGE, message)
+            if scope["path"].startswith(OPENAI_PREFIX)
+            else error_body(TOO_LARGE, message)
+        )
         if declared.isdigit() and int(declared) > limit:
-            await _refuse(send, message)
+            await _refuse(send, refusal)
             return
         received = 0
         refused = False
@@ -55,7 +61,7 @@ class RequestSizeLimit:
                 received += len(event.get("body", b""))
                 if received > limit:
                     refused = True
-                    await _refuse(send, message)
+                    await _refuse(send, refusal)
                     return {"type": "http.disconnect"}
             return event
 
@@ -70,8 +76,8 @@ class RequestSizeLimit:
                 raise
 
 
-async def _refuse(send: Send, message: str) -> None:
-    body = json.dumps(error_body(TOO_LARGE, message)).encode()
+async def _refuse(send: Send, refusal: dict[str, Any]) -> None:
+    body = json.dumps(refusal).encode()
     await send(
         {
             "type": "http.response.start",

@@ -412,7 +412,7 @@ def _register_adapter(context: JobContext) -> NewAdapter:
         owner=job.owner,
         job_id=job.id,
         base_model=job.base_model,
-        name=f"ft:{job.base_model}:{job.owner}:{job.suffix or ''}:{job.id}",
+        name=job.fine_tuned_model,
         path=key,
         sha256=digest,
         size_bytes=size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import select, tuple_
@@ -30,11 +31,22 @@ class ServableAdapter:
     path: str  # key in the artifact store
 
 
+CHECKPOINT_NAME = re.compile(r"^ft:.*:(?P<job>ftjob-[0-9a-f]+):ckpt-step-(?P<step>[0-9]{1,9})$")
+
+
 def resolve_adapter(session: Session, *, owner: str, reference: str) -> ServableAdapter:
     """An adapter by its id, by the id of the job that trained it, by its name (ft:…), or a
-    checkpoint by its id (ftckpt-…)."""
-    if reference.startswith("ftckpt-"):
-        checkpoint = session.get(JobCheckpoint, reference)
+    checkpoint by its id (ftckpt-…) or name (ft:…:ckpt-step-N)."""
+    named = CHECKPOINT_NAME.match(reference)
+    if reference.startswith("ftckpt-") or named:
+        if named:
+            checkpoint = session.scalar(
+                select(JobCheckpoint).where(
+                    JobCheckpoint.job_id == named["job"], JobCheckpoint.step == int(named["step"])
+                )
+            )
+        else:
+            checkpoint = session.get(JobCheckpoint, reference)
         job = session.get(Job, checkpoint.job_id) if checkpoint else None
         if checkpoint is None or job is None or job.owner != owner:
             raise NotFound(

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Header, Query, Response, UploadFile
+from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.files.repository import get_file, list_files
-from app.files.schemas import FileList, FileView
-from app.files.service import store_upload
+from app.files.schemas import FileDeleted, FileList, FileView
+from app.files.service import delete_file, read_file, store_upload
 
 router = APIRouter(prefix="/files", tags=["files"])
 
@@ -66,15 +67,45 @@ def upload_file(
     return FileView.model_validate(upload.file)
 
 
-@router.get("", response_model=FileList, summary="List uploaded files")
+@router.get("", response_model=FileList, summary="List uploaded files, newest first")
 def files(
-    session: SessionDep, owner: CurrentOwner, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    session: SessionDep,
+    owner: CurrentOwner,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[
+        str | None, Query(max_length=64, description="Last id of the previous page")
+    ] = None,
 ) -> FileList:
-    return FileList(
-        data=[FileView.model_validate(f) for f in list_files(session, owner=owner, limit=limit)]
-    )
+    found, has_more = list_files(session, owner=owner, limit=limit, after=after)
+    return FileList(data=[FileView.model_validate(f) for f in found], has_more=has_more)
 
 
 @router.get("/{file_id}", response_model=FileView, summary="One uploaded file")
 def file_info(file_id: str, session: SessionDep, owner: CurrentOwner) -> FileView:
     return FileView.model_validate(get_file(session, owner=owner, file_id=file_id))
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    summary="The uploaded bytes",
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def file_content(
+    file_id: str, session: SessionDep, owner: CurrentOwner, settings: SettingsDep
+) -> StreamingResponse:
+    file = get_file(session, owner=owner, file_id=file_id)
+    return StreamingResponse(
+        read_file(file, settings),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{file.filename}"'},
+    )
+
+
+@router.delete("/{file_id}", response_model=FileDeleted, summary="Delete an uploaded file")
+def remove_file(
+    file_id: str, session: SessionDep, owner: CurrentOwner, settings: SettingsDep
+) -> FileDeleted:
+    """Refused (409) while a queued or running job still needs the file."""
+    file = delete_file(session, owner=owner, file_id=file_id, settings=settings)
+    return FileDeleted(id=file.id)

@@ -21,3 +21,10 @@ class FileView(ResponseModel):
 class FileList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[FileView]
+    has_more: bool
+
+
+class FileDeleted(ResponseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: Literal[True] = True

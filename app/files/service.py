@@ -9,13 +9,10 @@ from typing import BinaryIO, NamedTuple
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.db import utcnow
-from app.errors import (
-    InvalidRequest,
-    PayloadTooLarge,
-)
+from app.db import after_commit, utcnow
+from app.errors import Conflict, InvalidRequest, PayloadTooLarge
 from app.files.models import File
-from app.files.repository import get_file_by_idempotency_key
+from app.files.repository import get_file, get_file_by_idempotency_key, used_by_unfinished_job
 from app.idempotency import check_idempotency_key, ensure_same_request, request_hash
 from app.ids import new_id
 from app.settings import Settings
@@ -140,3 +137,31 @@ def _add_keyed(session: Session, file: File, *, owner: str, key: str, request_ha
             if earlier is None:
                 raise
     return _replay(earlier, key=key, request_hash=request_hash)
+
+
+def delete_file(session: Session, *, owner: str, file_id: str, settings: Settings) -> File:
+    """Delete the row now and the bytes once that commits; refused while a job still needs it."""
+    file = get_file(session, owner=owner, file_id=file_id)
+    if used_by_unfinished_job(session, file.id):
+        raise Conflict(
+            f"File {file.id} is the dataset of a job that has not finished; cancel the job or "
+            "wait for it, then delete the file.",
+            code="file_in_use",
+        )
+    session.delete(file)
+    session.flush()
+    store = artifact_store(settings)
+    after_commit(session, lambda: store.delete(file.path))
+    return file
+
+
+def read_file(file: File, settings: Settings) -> Iterator[bytes]:
+    """The stored bytes of a file, in chunks."""
+    store = artifact_store(settings)
+
+    def chunks() -> Iterator[bytes]:
+        with store.open(file.path) as handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+    return chunks()

@@ -45,3 +45,13 @@ def list_events(session: Session, job_id: str, *, after: int, limit: int) -> lis
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+def list_events_newest_first(
+    session: Session, job_id: str, *, before: int | None, limit: int
+) -> list[JobEvent]:
+    """Newest first, from just before seq `before` (from the newest when None)."""
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if before is not None:
+        query = query.where(JobEvent.seq < before)
+    return list(session.scalars(query.order_by(JobEvent.seq.desc()).limit(limit)))

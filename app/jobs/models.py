@@ -67,6 +67,15 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    @property
+    def fine_tuned_model(self) -> str:
+        """The name of the adapter this job makes: `ft:<base>:<owner>:<suffix>:<job id>`."""
+        return f"ft:{self.base_model}:{self.owner}:{self.suffix or ''}:{self.id}"
+
+    def checkpoint_model(self, step: int) -> str:
+        """The name of a checkpoint as a model: `<fine-tuned model>:ckpt-step-<step>`."""
+        return f"{self.fine_tuned_model}:ckpt-step-{step}"
+
 
 class JobEvent(Base):
     __tablename__ = "job_events"

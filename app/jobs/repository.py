@@ -33,12 +33,21 @@ def count_in_flight(session: Session, *, owner: str) -> int:
 
 
 def list_jobs(
-    session: Session, *, owner: str, limit: int, after: str | None, status: JobStatus | None
+    session: Session,
+    *,
+    owner: str,
+    limit: int,
+    after: str | None,
+    status: JobStatus | None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[list[Job], bool]:
-    """Newest first; `after` is the id of the last job of the previous page."""
+    """Newest first; `after` is the id of the last job of the previous page; `metadata`: only
+    jobs with each of these key/value pairs."""
     query = select(Job).where(Job.owner == owner)
     if status is not None:
         query = query.where(Job.status == status)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.metadata_[key].as_string() == value)
     if after is not None:
         cursor = session.get(Job, after)
         if cursor is None or cursor.owner != owner:

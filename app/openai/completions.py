@@ -1,0 +1,254 @@
+"""/v1/chat/completions and /v1/completions over the inference engine.
+
+`model` is a base model or a fine-tuned model name (app/inference/targets.py); generation is the
+same engine call as the native POST /generate.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from app.db import unit_of_work
+from app.deps import CurrentOwner, SettingsDep
+from app.errors import InvalidRequest
+from app.inference.engine import Generation, GenerationResult, InferenceEngine
+from app.inference.targets import Target, resolve_model
+from app.openai.common import OpenAIRequest, unsupported
+from app.settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+DEFAULT_MAX_TOKENS = 256
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ContentPart(OpenAIRequest):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(OpenAIRequest):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(OpenAIRequest):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+
+class SamplingRequest(OpenAIRequest):
+    """The parameters chat and text completions share."""
+
+    model: str = Field(min_length=1, max_length=300)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    user: str | None = Field(None, max_length=256)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str] | None:
+        stops = [value] if isinstance(value, str) else value
+        if stops is not None and (len(stops) > 4 or any(not 1 <= len(s) <= 100 for s in stops)):
+            raise ValueError("give up to 4 stop sequences of 1 to 100 characters")
+        return stops or None
+
+    def check_supported(self) -> None:
+        if self.n not in (None, 1):
+            raise unsupported("n", "n: only one choice per request (n=1) is supported.")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise unsupported(name, f"{name} is not supported; leave it out or at 0.")
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs:
+            raise unsupported("logprobs", "logprobs are not supported.")
+        if self.tools:
+            raise unsupported("tools", "tools (function calling) are not supported.")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise unsupported("response_format", 'only response_format {"type": "text"}.')
+        for index, message in enumerate(self.messages):
+            if message.role not in ROLES:
+                raise InvalidRequest(
+                    f"messages[{index}].role: {message.role!r} is not supported; use system, "
+                    "developer, user or assistant.",
+                    code="invalid_value",
+                    detail={"field": f"messages[{index}].role"},
+                )
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str = Field(min_length=1, max_length=200_000)
+    echo: bool | None = None
+    logprobs: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        for name in ("echo", "logprobs", "suffix"):
+            if getattr(self, name):
+                raise unsupported(name, f"{name} is not supported.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: None = None
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str
+    logprobs: None = None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+    system_fingerprint: None = None
+
+
+def _target(settings: Settings, owner: str, model: str) -> Target:
+    with unit_of_work() as session:
+        return resolve_model(session, settings, owner=owner, model=model)
+
+
+def _generation(
+    body: SamplingRequest,
+    target: Target,
+    settings: Settings,
+    *,
+    max_tokens: int | None,
+    prompt: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+) -> Generation:
+    body.check_supported()
+    wanted = max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_new_tokens_limit)
+    if wanted > settings.max_new_tokens_limit:
+        raise InvalidRequest(
+            f"max_tokens: at most {settings.max_new_tokens_limit} "
+            "(TUNESERVE_MAX_NEW_TOKENS_LIMIT).",
+            code="invalid_value",
+            detail={"field": "max_tokens"},
+        )
+    return Generation(
+        base_model=target.base_model,
+        adapter_key=target.adapter_key,
+        adapter_path=target.adapter_path,
+        prompt=prompt,
+        messages=messages,
+        max_new_tokens=wanted,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=body.stop if isinstance(body.stop, list) else None,
+        seed=body.seed,
+    )
+
+
+def _usage(result: GenerationResult) -> Usage:
+    return Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        total_tokens=result.prompt_tokens + result.completion_tokens,
+    )
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, summary="Chat completion")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, owner: CurrentOwner, settings: SettingsDep
+) -> ChatCompletion:
+    target = await run_in_threadpool(_target, settings, owner, body.model)
+    generation = _generation(
+        body,
+        target,
+        settings,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        messages=[{"role": ROLES[m.role], "content": m.text()} for m in body.messages],
+    )
+    engine: InferenceEngine = request.app.state.engine
+    result = await run_in_threadpool(engine.generate, generation)
+    return ChatCompletion(
+        id=f"chatcmpl-{secrets.token_hex(12)}",
+        created=int(time.time()),
+        model=body.model,
+        choices=[
+            ChatChoice(
+                message=AssistantMessage(content=result.text),
+                finish_reason=result.finish_reason.value,
+            )
+        ],
+        usage=_usage(result),
+    )
+
+
+@router.post("/completions", response_model=TextCompletion, summary="Text completion")
+async def completions(
+    body: CompletionRequest, request: Request, owner: CurrentOwner, settings: SettingsDep
+) -> TextCompletion:
+    target = await run_in_threadpool(_target, settings, owner, body.model)
+    generation = _generation(body, target, settings, max_tokens=body.max_tokens, prompt=body.prompt)
+    engine: InferenceEngine = request.app.state.engine
+    result = await run_in_threadpool(engine.generate, generation)
+    return TextCompletion(
+        id=f"cmpl-{secrets.token_hex(12)}",
+        created=int(time.time()),
+        model=body.model,
+        choices=[TextChoice(text=result.text, finish_reason=result.finish_reason.value)],
+        usage=_usage(result),
+    )

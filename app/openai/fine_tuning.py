@@ -1,0 +1,349 @@
+"""/v1/fine_tuning/jobs: OpenAI's fine-tuning API over app/jobs.
+
+Jobs are created, read and cancelled by app/jobs/service.py; this module only maps shapes:
+OpenAI's hyperparameters (numbers or "auto") onto the native ones, and native jobs, events and
+checkpoints onto OpenAI's objects.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field, ValidationError
+
+from app.deps import CurrentOwner, SessionDep, SettingsDep
+from app.errors import InvalidRequest, NotFound, TuneserveError
+from app.jobs import repository, service
+from app.jobs.events import list_events_newest_first
+from app.jobs.models import Job, JobCheckpoint, JobEvent, JobStatus
+from app.jobs.schemas import CreateJobRequest, Hyperparameters
+from app.openai.common import OpenAIRequest, Page, epoch, page, unsupported
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"])
+
+# learning_rate_multiplier 1 is tuneserve's default learning rate.
+BASE_LEARNING_RATE: float = Hyperparameters.model_fields["learning_rate"].default
+STATUSES = {JobStatus.VALIDATING: "validating_files"}
+EVENT_ID = re.compile(r"^ftevent-(?P<job>[0-9a-f]+)-(?P<seq>[0-9]{1,9})$")
+CHECKPOINT_ID = re.compile(r"^ftckpt-[0-9a-f]+$")
+
+Auto = Literal["auto"]
+
+
+class OpenAIHyperparameters(OpenAIRequest):
+    n_epochs: Auto | int | None = None
+    batch_size: Auto | int | None = None
+    learning_rate_multiplier: Auto | float | None = None
+
+
+class Supervised(OpenAIRequest):
+    hyperparameters: OpenAIHyperparameters | None = None
+
+
+class Method(OpenAIRequest):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: Supervised | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class CreateFineTuningJob(OpenAIRequest):
+    model: str = Field(min_length=1, max_length=200)
+    training_file: str = Field(min_length=1, max_length=4096)
+    validation_file: str | None = Field(None, max_length=4096)
+    hyperparameters: OpenAIHyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+
+
+class JobErrorObject(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    estimated_finish: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str
+    status: str
+    training_file: str
+    validation_file: str | None
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any]
+    seed: int
+    trained_tokens: int | None
+    result_files: list[str] = Field(default_factory=list)
+    error: JobErrorObject | None
+    metadata: dict[str, str] | None
+    integrations: list[Any] = Field(default_factory=list)
+    user_provided_suffix: str | None
+
+
+class FineTuningEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None
+
+
+class Checkpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+def _hyperparameters(body: CreateFineTuningJob) -> OpenAIHyperparameters:
+    if body.method is None:
+        return body.hyperparameters or OpenAIHyperparameters()
+    if body.method.type != "supervised":
+        raise unsupported(
+            "method.type",
+            f"method.type {body.method.type!r} is not supported: tuneserve trains LoRA adapters "
+            'with supervised fine-tuning only; use {"type": "supervised"}.',
+        )
+    if body.hyperparameters is not None:
+        raise InvalidRequest(
+            "Give hyperparameters in method.supervised.hyperparameters or at the top level, not "
+            "both.",
+            detail={"field": "hyperparameters"},
+        )
+    supervised = body.method.supervised or Supervised()
+    return supervised.hyperparameters or OpenAIHyperparameters()
+
+
+def native_request(body: CreateFineTuningJob) -> CreateJobRequest:
+    """The native job request an OpenAI one stands for ("auto" = tuneserve's default)."""
+    if body.integrations:
+        raise unsupported("integrations", "integrations (e.g. wandb) are not supported.")
+    chosen = _hyperparameters(body)
+    hyperparameters: dict[str, Any] = {}
+    if isinstance(chosen.n_epochs, int):
+        hyperparameters["n_epochs"] = chosen.n_epochs
+    if isinstance(chosen.batch_size, int):
+        hyperparameters["batch_size"] = chosen.batch_size
+    if isinstance(chosen.learning_rate_multiplier, float | int):
+        hyperparameters["learning_rate"] = BASE_LEARNING_RATE * chosen.learning_rate_multiplier
+    if body.seed is not None:
+        hyperparameters["seed"] = body.seed
+    try:
+        return CreateJobRequest.model_validate(
+            {
+                "base_model": body.model,
+                "dataset_url": body.training_file,
+                "validation_url": body.validation_file,
+                "suffix": body.suffix,
+                "hyperparameters": hyperparameters,
+                "metadata": body.metadata,
+            }
+        )
+    except ValidationError as exc:
+        raise _invalid(exc) from exc
+
+
+# Native field names as OpenAI's request calls them.
+_OPENAI_NAMES = {
+    "base_model": "model",
+    "dataset_url": "training_file",
+    "validation_url": "validation_file",
+    "hyperparameters.learning_rate": "hyperparameters.learning_rate_multiplier",
+}
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    first = exc.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    field = _OPENAI_NAMES.get(field, field)
+    return InvalidRequest(
+        f"Invalid request: {field}: {first['msg']}",
+        code="invalid_value",
+        detail={"field": field},
+    )
+
+
+def _in_openai_terms(exc: TuneserveError) -> TuneserveError:
+    """A native error about dataset_url (say) speaks of training_file instead."""
+    field = exc.detail.get("field") if isinstance(exc.detail, dict) else None
+    if field in _OPENAI_NAMES:
+        exc.detail = {**exc.detail, "field": _OPENAI_NAMES[field]}
+        exc.message = exc.message.replace(f"{field}:", f"{_OPENAI_NAMES[field]}:", 1)
+    return exc
+
+
+# --- responses ---------------------------------------------------------------------------------
+
+
+def fine_tuning_job(job: Job) -> FineTuningJob:
+    hyperparameters = {
+        "n_epochs": job.hyperparameters["n_epochs"],
+        "batch_size": job.hyperparameters["batch_size"],
+        "learning_rate_multiplier": job.hyperparameters["learning_rate"] / BASE_LEARNING_RATE,
+    }
+    progress = job.progress or {}
+    eta = progress.get("eta_seconds")
+    error = job.error or None
+    return FineTuningJob(
+        id=job.id,
+        created_at=epoch(job.created_at) or 0,
+        finished_at=epoch(job.finished_at),
+        estimated_finish=(
+            int(time.time() + eta) if eta is not None and job.status is JobStatus.RUNNING else None
+        ),
+        model=job.base_model,
+        fine_tuned_model=job.fine_tuned_model if job.status is JobStatus.SUCCEEDED else None,
+        organization_id=job.owner,
+        status=STATUSES.get(job.status, job.status.value),
+        training_file=job.dataset_url,
+        validation_file=job.validation_url,
+        hyperparameters=hyperparameters,
+        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        seed=job.hyperparameters["seed"],
+        trained_tokens=progress.get("trained_tokens"),
+        error=(
+            JobErrorObject(
+                code=error["code"],
+                message=error["message"],
+                param=(error.get("detail") or {}).get("field"),
+            )
+            if error
+            else None
+        ),
+        metadata=job.metadata_,
+        user_provided_suffix=job.suffix,
+    )
+
+
+def _event(job: Job, event: JobEvent) -> FineTuningEvent:
+    level = {"warning": "warn"}.get(event.level, event.level)
+    return FineTuningEvent(
+        id=f"ftevent-{job.id.removeprefix('ftjob-')}-{event.seq}",
+        created_at=epoch(event.created_at) or 0,
+        level=level if level in ("info", "warn", "error") else "info",
+        message=event.message,
+        data={"type": event.type, **(event.data or {})},
+    )
+
+
+def _checkpoint(job: Job, checkpoint: JobCheckpoint) -> Checkpoint:
+    return Checkpoint(
+        id=checkpoint.id,
+        created_at=epoch(checkpoint.created_at) or 0,
+        fine_tuned_model_checkpoint=job.checkpoint_model(checkpoint.step),
+        fine_tuning_job_id=job.id,
+        step_number=checkpoint.step,
+        metrics={"step": checkpoint.step, **(checkpoint.metrics or {})},
+    )
+
+
+# --- routes ------------------------------------------------------------------------------------
+
+
+@router.post("", response_model=FineTuningJob, summary="Create a fine-tuning job")
+def create_job(
+    body: CreateFineTuningJob, session: SessionDep, owner: CurrentOwner, settings: SettingsDep
+) -> FineTuningJob:
+    try:
+        submission = service.create_job(
+            session, owner=owner, request=native_request(body), settings=settings
+        )
+    except TuneserveError as exc:
+        raise _in_openai_terms(exc) from None
+    return fine_tuning_job(submission.job)
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    # The SDK sends metadata={"k": "v"} as the query parameter metadata[k]=v.
+    found = {}
+    for name, value in request.query_params.multi_items():
+        match = re.fullmatch(r"metadata\[(.{1,64})\]", name)
+        if match:
+            found[match[1]] = value
+    return found
+
+
+@router.get("", response_model=Page, summary="List fine-tuning jobs, newest first")
+def list_jobs(
+    request: Request,
+    session: SessionDep,
+    owner: CurrentOwner,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page:
+    jobs, has_more = repository.list_jobs(
+        session,
+        owner=owner,
+        limit=limit,
+        after=after,
+        status=None,
+        metadata=_metadata_filter(request),
+    )
+    return page([fine_tuning_job(job) for job in jobs], has_more)
+
+
+@router.get("/{job_id}", response_model=FineTuningJob, summary="A fine-tuning job")
+def retrieve_job(job_id: str, session: SessionDep, owner: CurrentOwner) -> FineTuningJob:
+    return fine_tuning_job(repository.get_job(session, owner=owner, job_id=job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJob, summary="Cancel a job")
+def cancel_job(job_id: str, session: SessionDep, owner: CurrentOwner) -> FineTuningJob:
+    return fine_tuning_job(service.cancel_job(session, owner=owner, job_id=job_id))
+
+
+@router.get("/{job_id}/events", response_model=Page, summary="A job's events, newest first")
+def job_events(
+    job_id: str,
+    session: SessionDep,
+    owner: CurrentOwner,
+    after: Annotated[str | None, Query(max_length=80, description="Last event id seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> Page:
+    job = repository.get_job(session, owner=owner, job_id=job_id)
+    before = None
+    if after is not None:
+        match = EVENT_ID.match(after)
+        if match is None or f"ftjob-{match['job']}" != job.id:
+            raise NotFound(f"after: no event {after!r} in job {job_id}.", code="event_not_found")
+        before = int(match["seq"])
+    events = list_events_newest_first(session, job.id, before=before, limit=limit + 1)
+    return page([_event(job, event) for event in events[:limit]], len(events) > limit)
+
+
+@router.get("/{job_id}/checkpoints", response_model=Page, summary="A job's checkpoints")
+def job_checkpoints(
+    job_id: str,
+    session: SessionDep,
+    owner: CurrentOwner,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> Page:
+    job = repository.get_job(session, owner=owner, job_id=job_id)
+    checkpoints = repository.list_checkpoints(session, job.id)  # newest first
+    if after is not None:
+        ids = [checkpoint.id for checkpoint in checkpoints]
+        if not CHECKPOINT_ID.match(after) or after not in ids:
+            raise NotFound(f"after: no checkpoint {after!r} in job {job_id}.")
+        checkpoints = checkpoints[ids.index(after) + 1 :]
+    shown = [_checkpoint(job, checkpoint) for checkpoint in checkpoints[:limit]]
+    return page(shown, len(checkpoints) > limit)
