@@ -1,11 +1,11 @@
-"""Request and response models of POST /generate."""
+"""Request and response models of POST /generate (and the messages of its stream)."""
 
 from __future__ import annotations
 
 import enum
 from typing import Literal
 
-from pydantic import Field, StrictInt, field_validator, model_validator
+from pydantic import Field, StrictBool, StrictInt, field_validator, model_validator
 
 from app.schemas import RequestModel, ResponseModel
 
@@ -45,6 +45,11 @@ class GenerateRequest(RequestModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = Field(None, description="Up to 4 stop sequences.")
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    stream: StrictBool = Field(
+        False,
+        description="Answer with server-sent events (`text/event-stream`) as the text is "
+        "generated: `generation.chunk` messages, then the `generation`, then `[DONE]`.",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -84,3 +89,10 @@ class GenerateResponse(ResponseModel):
     usage: Usage
     adapter: str | None
     base_model: str
+
+
+class GenerateChunk(ResponseModel):
+    """One piece of a streamed generation's text (`stream: true`)."""
+
+    object: Literal["generation.chunk"] = "generation.chunk"
+    text: str
