@@ -32,13 +32,27 @@ def exact_format(text: str, expected: dict[str, object]) -> tuple[bool, bool]:
     return shaped, shaped and value == expected
 
 
+def api_key() -> str:
+    """TUNESERVE_API_KEY, or the local key `tuneserve up` saved in the data dir."""
+    from app.keys.service import read_key_file
+    from app.settings import get_settings
+
+    settings = get_settings()
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    key = key or read_key_file(settings.api_key_file)
+    if not key:
+        sys.exit("No API key: set TUNESERVE_API_KEY or run where `tuneserve up` saved one.")
+    return key
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--rows", type=int, default=300)
     parser.add_argument("--held-out", type=int, default=25)
     args = parser.parse_args()
-    client = httpx.Client(base_url=args.url, timeout=600)
+    headers = {"Authorization": f"Bearer {api_key()}"}
+    client = httpx.Client(base_url=args.url, headers=headers, timeout=600)
 
     train = person_rows(args.rows, seed=7)
     seen = {row["messages"][0]["content"] for row in train}

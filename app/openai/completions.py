@@ -6,18 +6,27 @@ same engine call as the native POST /generate.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from app.db import unit_of_work
 from app.deps import CurrentOwner, SettingsDep
-from app.errors import InvalidRequest
-from app.inference.engine import Generation, GenerationResult, InferenceEngine
+from app.errors import InvalidRequest, openai_error_body
+from app.inference.engine import (
+    Generation,
+    GenerationResult,
+    InferenceEngine,
+    StreamItem,
+    TextDelta,
+)
+from app.inference.streaming import stream_response
 from app.inference.targets import Target, resolve_model
 from app.openai.common import OpenAIRequest, unsupported
 from app.settings import Settings
@@ -209,10 +218,86 @@ def _usage(result: GenerationResult) -> Usage:
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, summary="Chat completion")
+# One event of a stream: `data: <chunk as JSON>`, and last `data: [DONE]`.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "anyOf": [
+                {"const": "[DONE]"},
+                {"type": "string", "contentMediaType": "application/json"},
+            ]
+        }
+    },
+}
+
+
+def _streamed(what: str) -> dict[int | str, dict[str, Any]]:
+    return {
+        200: {
+            "description": f"The {what}; with `stream: true`, server-sent events in OpenAI's "
+            "chunk format, ending with `data: [DONE]`.",
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
+        }
+    }
+
+
+def _stream_error(message: str) -> str:
+    return json.dumps(openai_error_body(500, "internal_error", message))
+
+
+class _Chunks:
+    """Engine stream items as OpenAI chunks: chat (`delta`) or text (`text`)."""
+
+    def __init__(self, body: SamplingRequest, kind: Literal["chat", "text"]) -> None:
+        self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
+        self.kind = kind
+        self.model = body.model
+        self.created = int(time.time())
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.started = False
+
+    def _chunk(self, choice: dict[str, Any] | None, usage: Usage | None = None) -> str:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [] if choice is None else [{"index": 0, "logprobs": None, **choice}],
+        }
+        if self.include_usage:
+            chunk["usage"] = usage.model_dump() if usage else None
+        return json.dumps(chunk)
+
+    def _piece(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        if self.kind == "text":
+            return {"text": text, "finish_reason": finish_reason}
+        return {"delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+
+    def render(self, item: StreamItem) -> list[str]:
+        payloads = []
+        if self.kind == "chat" and not self.started:
+            role = {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            payloads.append(self._chunk(role))
+        self.started = True
+        if isinstance(item, TextDelta):
+            return [*payloads, self._chunk(self._piece(item.text))]
+        payloads.append(self._chunk(self._piece("", item.finish_reason.value)))
+        if self.include_usage:
+            payloads.append(self._chunk(None, _usage(item)))
+        return payloads
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    summary="Chat completion",
+    responses=_streamed("chat completion"),
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, owner: CurrentOwner, settings: SettingsDep
-) -> ChatCompletion:
+) -> ChatCompletion | StreamingResponse:
     target = await run_in_threadpool(_target, settings, owner, body.model)
     generation = _generation(
         body,
@@ -222,6 +307,9 @@ async def chat_completions(
         messages=[{"role": ROLES[m.role], "content": m.text()} for m in body.messages],
     )
     engine: InferenceEngine = request.app.state.engine
+    if body.stream:
+        chunks = _Chunks(body, "chat")
+        return await stream_response(engine, generation, chunks.render, _stream_error)
     result = await run_in_threadpool(engine.generate, generation)
     return ChatCompletion(
         id=f"chatcmpl-{secrets.token_hex(12)}",
@@ -237,13 +325,21 @@ async def chat_completions(
     )
 
 
-@router.post("/completions", response_model=TextCompletion, summary="Text completion")
+@router.post(
+    "/completions",
+    response_model=TextCompletion,
+    summary="Text completion",
+    responses=_streamed("text completion"),
+)
 async def completions(
     body: CompletionRequest, request: Request, owner: CurrentOwner, settings: SettingsDep
-) -> TextCompletion:
+) -> TextCompletion | StreamingResponse:
     target = await run_in_threadpool(_target, settings, owner, body.model)
     generation = _generation(body, target, settings, max_tokens=body.max_tokens, prompt=body.prompt)
     engine: InferenceEngine = request.app.state.engine
+    if body.stream:
+        chunks = _Chunks(body, "text")
+        return await stream_response(engine, generation, chunks.render, _stream_error)
     result = await run_in_threadpool(engine.generate, generation)
     return TextCompletion(
         id=f"cmpl-{secrets.token_hex(12)}",

@@ -136,9 +136,7 @@ def test_chat_with_the_fine_tuned_model(
     service: Service, client: OpenAI, tuned: dict[str, Any]
 ) -> None:
     model = tuned["job"].fine_tuned_model
-    answer = client.chat.completions.create(
-        model=model, messages=CHAT, max_tokens=8, temperature=0
-    )
+    answer = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
     assert answer.object == "chat.completion" and answer.model == model
     assert answer.choices[0].finish_reason in ("stop", "length")
     assert answer.usage.completion_tokens <= 8
@@ -210,3 +208,41 @@ def test_errors_map_to_the_sdk_exceptions(
     stranger = OpenAI(base_url=f"{service.url}/v1", api_key="ts_wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         stranger.models.list()
+
+
+def test_streamed_chat_matches_the_plain_answer(client: OpenAI, tuned: dict[str, Any]) -> None:
+    model = tuned["job"].fine_tuned_model
+    plain = client.chat.completions.create(
+        model=model, messages=CHAT, max_completion_tokens=12, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=CHAT,
+            max_completion_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    finished = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finished[-1] == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+
+
+def test_streamed_text_completion(client: OpenAI, tiny_model: str) -> None:
+    plain = client.completions.create(
+        model=tiny_model, prompt="7 + 5 =", max_tokens=6, temperature=0
+    )
+    chunks = list(
+        client.completions.create(
+            model=tiny_model, prompt="7 + 5 =", max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert "".join(chunk.choices[0].text for chunk in chunks) == plain.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
