@@ -10,9 +10,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import OPENAI_PREFIX, error_body, openai_error_body
 from app.settings import Settings
 
-# Multipart form fields and boundaries around an uploaded file.
+# Multipart uploads (dataset files, adapter archives): form fields and boundaries around the file.
 UPLOAD_OVERHEAD = 1024 * 1024
-UPLOAD_PATHS = ("/files", "/v1/files")
+UPLOAD_PATHS = ("/files", "/v1/files", "/adapters")
 
 
 TOO_LARGE = "request_too_large"

@@ -121,7 +121,17 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="How often the scheduler looks for lost jobs."
     )
     adapter_cache_size: int = Field(
-        default=8, ge=1, description="Adapters kept loaded per base model in the api."
+        default=8,
+        ge=1,
+        le=256,
+        description="Adapter slots per base model in the api: adapters loaded at once, each "
+        "usable in the same batch (least recently used evicted).",
+    )
+    inference_precision: str = Field(
+        default="auto",
+        pattern="^(auto|bf16|fp32)$",
+        description="Precision of generation: auto = bf16 where the device runs it natively "
+        "(GPUs with bf16, CPUs with AVX512-BF16 or AMX), fp32 otherwise.",
     )
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest max_new_tokens a generation may ask for."

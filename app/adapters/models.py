@@ -1,4 +1,4 @@
-"""SQL table of LoRA adapters."""
+"""SQL table of LoRA adapters: trained by a job, or imported (job_id None)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,6 @@ class Adapter(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     rank: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    # Generations that used the adapter (recorded by the generation path, best effort).
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    request_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

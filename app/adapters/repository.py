@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
+from app.db import after_commit, unit_of_work, utcnow
 from app.errors import Conflict, InvalidRequest, NotFound
 from app.jobs.models import Job, JobCheckpoint
+from app.settings import Settings
+from app.storage import artifact_store
+
+logger = logging.getLogger(__name__)
 
 
 def get_adapter(session: Session, *, owner: str, adapter_id: str) -> Adapter:
@@ -96,3 +103,31 @@ def list_adapters(
     query = query.order_by(Adapter.created_at.desc(), Adapter.id.desc()).limit(limit + 1)
     adapters = list(session.scalars(query))
     return adapters[:limit], len(adapters) > limit
+
+
+def delete_adapter(session: Session, *, owner: str, adapter_id: str, settings: Settings) -> Adapter:
+    """Delete the owner's adapter: the row now, its files once that commits."""
+    adapter = get_adapter(session, owner=owner, adapter_id=adapter_id)
+    session.delete(adapter)
+    session.flush()
+    store = artifact_store(settings)
+    path = adapter.path
+    after_commit(session, lambda: store.delete(path))
+    return adapter
+
+
+def record_adapter_use(adapter_id: str) -> None:
+    """Count one generation with the adapter and stamp its last use, in a short transaction of
+    its own. A checkpoint id (ftckpt-…) or an unknown id changes nothing. Best effort: a
+    database error is logged, never raised, so it cannot fail a generation that succeeded."""
+    if adapter_id.startswith("ftckpt-"):
+        return
+    try:
+        with unit_of_work() as session:
+            session.execute(
+                update(Adapter)
+                .where(Adapter.id == adapter_id)
+                .values(request_count=Adapter.request_count + 1, last_used_at=utcnow())
+            )
+    except SQLAlchemyError:
+        logger.warning("could not record a use of adapter %s", adapter_id, exc_info=True)

@@ -25,7 +25,7 @@ from app.inference.engine import (
 )
 from app.inference.schemas import GenerateChunk, GenerateRequest, GenerateResponse, Usage
 from app.inference.streaming import stream_response
-from app.inference.targets import resolve_target
+from app.inference.targets import record_use, resolve_target
 from app.settings import Settings
 
 router = APIRouter(tags=["inference"])
@@ -82,6 +82,7 @@ async def generate(
     """Text from a base model or an adapter. `stream: true` answers server-sent events as the
     text is generated; see the 200 answer's `text/event-stream`."""
     generation = await run_in_threadpool(_generation, body, owner, settings)
+    await run_in_threadpool(record_use, generation.adapter_key)
     engine: InferenceEngine = request.app.state.engine
     if not body.stream:
         return _response(await run_in_threadpool(engine.generate, generation), generation)

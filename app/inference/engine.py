@@ -1,18 +1,12 @@
-"""One engine per api process: each base model loaded once, adapters cached (LRU) on top of it.
+"""One engine per api process: each base model loaded once, its adapters in slots on top of it,
+and every request for that model decoded together (app/inference/batching.py).
 
-The lock: generation runs off the event loop and one at a time per engine. PEFT switches the
-active adapter on the shared model, so two generations must not interleave: `stream` takes the
-engine lock, prepares the request (loads the model, encodes, checks the context length,
-activates the adapter; a bad request raises here, with the lock released again) and hands the
-lock to the `GenerationStream` it returns, which releases it once it is exhausted or closed and
-its generation thread has stopped. Loading models and adapters happens under the same lock.
-
-Streaming: `model.generate` runs in a background thread that feeds a `TextIteratorStreamer`;
-the stream turns its text into `TextDelta` pieces, holding back whatever could still become a
-stop sequence (`StopScanner`), and ends with one `GenerationResult`. A StoppingCriteria asked
-after every token ends the thread at the token that completes a stop sequence, and within a
-token of `close()` or the caller's `cancelled` event. `generate` is `stream` drained: one code
-path, so streamed pieces always add up to the text `generate` answers.
+`stream` does everything that can fail because of the request in the caller's thread, so a bad
+request raises before anything is streamed: it loads the base model (once), encodes and checks
+the prompt, and reads and checks the adapter's weights unless the adapter is already in a slot
+(loading happens off the batch's thread: running requests keep decoding meanwhile). The request
+then joins its model's batch at the next step, and the returned `GenerationStream` hands out its
+`TextDelta` pieces and one `GenerationResult`. `generate` is `stream` drained: one code path.
 """
 
 from __future__ import annotations
@@ -21,8 +15,8 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,15 +24,28 @@ from typing import Any
 from app.base_models.loading import load_causal_lm, load_tokenizer
 from app.base_models.registry import BaseModel
 from app.errors import InvalidRequest
+from app.inference.batching import FINISHED, Batcher, Delta, Done, Request
+from app.inference.lora import read_adapter
 from app.inference.schemas import FinishReason
+from app.inference.stops import StopScanner
 from app.settings import Settings
 from app.storage import artifact_store
 
+__all__ = [
+    "ContextLengthExceeded",
+    "Generation",
+    "GenerationResult",
+    "GenerationStream",
+    "InferenceEngine",
+    "StopScanner",
+    "StreamItem",
+    "TextDelta",
+]
+
 logger = logging.getLogger(__name__)
 BASE_MODELS_KEPT = 2
-# How long the consumer waits on the streamer before it checks that the generation thread is
-# still alive (a thread that died without ending the streamer must not block it forever).
-STREAMER_POLL_SECONDS = 0.2
+# How long a reader waits for the next piece before it checks the batch thread is still alive.
+POLL_SECONDS = 0.2
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -79,83 +86,27 @@ StreamItem = TextDelta | GenerationResult
 
 @dataclass
 class LoadedModel:
-    model: Any  # a transformers model, wrapped in a PeftModel once an adapter is loaded
+    model: Any
     tokenizer: Any
-    adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)  # key -> path, LRU order
-    context_length: int = 2048
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """A request checked and ready to run: its model (adapter active) and encoded prompt."""
-
-    request: Generation
-    loaded: LoadedModel
-    encoded: Any
-    prompt_tokens: int
-
-
-def trim_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
-    """Cut text before the earliest stop sequence; True when one was found."""
-    cuts = [text.find(stop) for stop in stops or [] if stop in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
-
-
-class StopScanner:
-    """Stop sequences in text that arrives in pieces (pure: no model, no threads).
-
-    `feed` answers the part of the text so far that is safe to emit: everything before the first
-    stop sequence to complete (then `stopped` is True and the rest is dropped), less the tail that
-    could still be the start of one, which is held back until the next piece settles it. `flush`
-    answers that tail once the text has ended. The emitted text does not depend on how the text
-    was cut into pieces.
-    """
-
-    def __init__(self, stops: Sequence[str] | None) -> None:
-        self._stops = [stop for stop in stops or [] if stop]
-        self._held = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        buffer = self._held + text
-        cut = _first_stop(buffer, self._stops)
-        if cut is not None:
-            self.stopped, self._held = True, ""
-            return buffer[:cut]
-        keep = _open_stop_length(buffer, self._stops)
-        self._held = buffer[len(buffer) - keep :]
-        return buffer[: len(buffer) - keep]
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the stop sequence that completes first in text starts (the longest on a tie)."""
-    found = [(at + len(stop), at) for stop in stops if (at := text.find(stop)) >= 0]
-    return min(found)[1] if found else None
-
-
-def _open_stop_length(text: str, stops: Sequence[str]) -> int:
-    """Length of text's longest tail that is the start (not all) of some stop sequence."""
-    longest = min(len(text), max((len(stop) - 1 for stop in stops), default=0))
-    for size in range(longest, 0, -1):
-        if any(stop.startswith(text[-size:]) for stop in stops):
-            return size
-    return 0
+    batcher: Batcher
+    context_length: int
+    dtype: str
 
 
 class InferenceEngine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
+        self._loading = threading.Lock()
+
+    def loaded_adapter_ids(self) -> frozenset[str]:
+        """The adapters in a slot of this process (any base model) right now."""
+        return frozenset(
+            key for loaded in list(self._models.values()) for key in loaded.batcher.slots.slot_of
+        )
 
     def generate(self, request: Generation) -> GenerationResult:
-        """The whole generation at once: `stream` drained (validation errors raise as there)."""
+        """The whole generation at once: `stream` drained (bad requests raise as there)."""
         with self.stream(request) as stream:
             for item in stream:
                 if isinstance(item, GenerationResult):
@@ -165,139 +116,146 @@ class InferenceEngine:
     def stream(
         self, request: Generation, cancelled: threading.Event | None = None
     ) -> GenerationStream:
-        """Prepare the request, then stream it: iterate the answer for `TextDelta` pieces, then
-        one `GenerationResult` (all text, finish_reason, token counts).
+        """Check the request and let it join its model's batch; iterate the answer for
+        `TextDelta` pieces, then one `GenerationResult`.
 
-        Waits for the engine lock and keeps it until the stream is exhausted or closed (use it
-        as a context manager). Bad requests (empty prompt, prompt plus max_new_tokens over the
-        context, an adapter without safetensors) raise here, before anything is streamed.
-        Setting `cancelled`, or closing the stream, stops the generation within a token; a
-        cancelled stream ends without a `GenerationResult`. An error in the generation thread
-        is raised to the consumer.
+        Bad requests (empty prompt, prompt plus max_new_tokens over the context, an adapter
+        without safetensors or made for another model) raise here. Setting `cancelled`, or
+        closing the stream, drops the request from the batch at the next step; a cancelled
+        stream ends without a `GenerationResult`.
         """
-        self._lock.acquire()
-        try:
-            prepared = self._prepare(request)
-        except BaseException:
-            self._lock.release()
-            raise
-        return GenerationStream(prepared, cancelled, release=self._lock.release)
-
-    def _prepare(self, request: Generation) -> _Prepared:
         loaded = self._loaded(request.base_model)
-        encoded = self._encode(loaded, request)
-        prompt_tokens = int(encoded["input_ids"].shape[1])
-        if prompt_tokens == 0:
+        prompt_ids = self._encode(loaded, request)
+        if not prompt_ids:
             raise InvalidRequest("The prompt is empty after tokenization.", code="empty_prompt")
-        if prompt_tokens + request.max_new_tokens > loaded.context_length:
+        if len(prompt_ids) + request.max_new_tokens > loaded.context_length:
             raise ContextLengthExceeded(
-                f"The prompt has {prompt_tokens} tokens and max_new_tokens is "
+                f"The prompt has {len(prompt_ids)} tokens and max_new_tokens is "
                 f"{request.max_new_tokens}: together more than the model's context of "
                 f"{loaded.context_length} tokens. Shorten the prompt or lower max_new_tokens.",
-                detail={"prompt_tokens": prompt_tokens, "context_length": loaded.context_length},
+                detail={
+                    "prompt_tokens": len(prompt_ids),
+                    "context_length": loaded.context_length,
+                },
             )
-        self._activate(loaded, request.adapter_key, request.adapter_path)
-        return _Prepared(request, loaded, encoded, prompt_tokens)
+        key, path = request.adapter_key, request.adapter_path
+        weights = None
+        if key is not None and path is not None and key not in loaded.batcher.slots.slot_of:
+            weights = read_adapter(self._adapter_dir(path), key)
+            loaded.batcher.slots.check(weights)
+        job = Request(
+            prompt_ids=prompt_ids,
+            adapter_key=key,
+            adapter_weights=weights,
+            adapter_dir=lambda: self._adapter_dir(path or ""),
+            max_new_tokens=request.max_new_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=request.stop,
+            seed=request.seed,
+            cancelled=cancelled or threading.Event(),
+        )
+        loaded.batcher.inbox.put(job)
+        return GenerationStream(job, loaded.batcher.thread)
+
+    def _adapter_dir(self, path: str) -> Path:
+        store = artifact_store(self.settings)
+        return store.cached_dir(path, self.settings.data_dir / "artifact-cache")
 
     def _loaded(self, base_model: BaseModel) -> LoadedModel:
-        if base_model.name in self._models:
-            self._models.move_to_end(base_model.name)
-            return self._models[base_model.name]
-        while len(self._models) >= BASE_MODELS_KEPT:
-            evicted, _ = self._models.popitem(last=False)
-            logger.info("unloaded base model %s", evicted)
+        with self._loading:
+            if base_model.name in self._models:
+                self._models.move_to_end(base_model.name)
+                return self._models[base_model.name]
+            idle = [
+                name
+                for name, loaded in self._models.items()
+                if not loaded.batcher.rows and not loaded.batcher.waiting
+            ]
+            if len(self._models) >= BASE_MODELS_KEPT and idle:
+                self._models[idle[0]].batcher.stop()
+                del self._models[idle[0]]
+                logger.info("unloaded base model %s", idle[0])
+            loaded = self._load(base_model)
+            self._models[base_model.name] = loaded
+            return loaded
+
+    def _load(self, base_model: BaseModel) -> LoadedModel:
         import torch
 
         model = load_causal_lm(self.settings, base_model)
+        dtype = inference_dtype(self.settings.inference_precision)
         if torch.cuda.is_available():  # ROCm and CUDA both answer here
             model.to(torch.device("cuda"))  # type: ignore[arg-type]
+        model.to(getattr(torch, dtype))
         model.eval()  # type: ignore[no-untyped-call]
         tokenizer = load_tokenizer(self.settings, base_model)
         context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-        loaded = LoadedModel(model=model, tokenizer=tokenizer, context_length=context)
-        self._models[base_model.name] = loaded
-        return loaded
+        batcher = Batcher(model, tokenizer, self.settings.adapter_cache_size, base_model.name)
+        logger.info("loaded base model %s (%s)", base_model.name, dtype)
+        return LoadedModel(model, tokenizer, batcher, context, dtype)
 
-    def _activate(self, loaded: LoadedModel, key: str | None, path: str | None) -> None:
-        from peft import PeftModel
-
-        if key is None or path is None:
-            return
-        if key in loaded.adapters:
-            loaded.adapters.move_to_end(key)
-        else:
-            store = artifact_store(self.settings)
-            path = str(store.cached_dir(path, self.settings.data_dir / "artifact-cache"))
-            _require_safetensors(Path(path), key)
-            if not isinstance(loaded.model, PeftModel):
-                loaded.model = PeftModel.from_pretrained(loaded.model, path, adapter_name=key)
-            else:
-                loaded.model.load_adapter(path, adapter_name=key)
-            loaded.adapters[key] = path
-            logger.info("loaded adapter %s", key)
-        loaded.model.set_adapter(key)
-        while len(loaded.adapters) > self.settings.adapter_cache_size:
-            evicted, _ = loaded.adapters.popitem(last=False)
-            loaded.model.delete_adapter(evicted)
-            logger.info("evicted adapter %s", evicted)
-
-    def _encode(self, loaded: LoadedModel, request: Generation) -> Any:
+    def _encode(self, loaded: LoadedModel, request: Generation) -> list[int]:
         tokenizer = loaded.tokenizer
         if request.messages is not None:
             text = tokenizer.apply_chat_template(
                 request.messages, add_generation_prompt=True, tokenize=False
             )
-            encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
-            encoded = tokenizer(request.prompt, return_tensors="pt")
-        return encoded.to(loaded.model.device)
+            ids = tokenizer(request.prompt)["input_ids"]
+        return [int(token) for token in ids]
+
+
+def inference_dtype(precision: str) -> str:
+    """ "bfloat16" or "float32": bf16 where the device runs it natively (auto), or as set."""
+    from worker.devices import detect_device
+
+    if precision != "auto":
+        return "bfloat16" if precision == "bf16" else "float32"
+    return "bfloat16" if detect_device().bf16 else "float32"
 
 
 class GenerationStream(Iterator[StreamItem]):
-    """One prepared generation, streamed: `TextDelta` pieces, then one `GenerationResult`.
+    """One request's answer: `TextDelta` pieces as they are decoded, then a `GenerationResult`.
 
-    Holds the engine lock until it is exhausted or closed; `close()` (also on leaving a `with`
-    block, or when the stream is collected unclosed) stops the generation thread within a token,
-    waits for it and releases the lock. `close()` may come from another thread while a `next()`
-    waits for text: it stops the generation first, so that wait ends within a token.
+    `close()` (also on leaving a `with` block, or when the stream is collected unclosed) cancels
+    the request: the batch drops it at its next step. It may come from another thread while a
+    `next()` waits.
     """
 
-    def __init__(
-        self,
-        prepared: _Prepared,
-        cancelled: threading.Event | None,
-        release: Callable[[], None],
-    ) -> None:
-        self._closed = False
-        self._release = release
-        self._guard = threading.Lock()  # one next() or close() at a time
-        self._cancelled = cancelled or threading.Event()
-        self._closing = threading.Event()
-        self._items = _streamed(prepared, self._cancelled, self._closing)
+    def __init__(self, request: Request, worker: threading.Thread) -> None:
+        self._request = request
+        self._worker = worker
+        self._done = False
 
     def __next__(self) -> StreamItem:
-        with self._guard:
-            if self._closed:
-                raise StopIteration
+        while not self._done:
             try:
-                return next(self._items)
-            except BaseException:  # the end (StopIteration) or an error: clean up either way
-                self._close()
-                raise
+                item = self._request.out.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if not self._worker.is_alive():
+                    self._done = True
+                    raise RuntimeError("the generation thread stopped") from None
+                continue
+            if isinstance(item, Delta):
+                return TextDelta(item.text)
+            self._done = True
+            if isinstance(item, Done):
+                return GenerationResult(
+                    text=item.text,
+                    finish_reason=item.finish_reason,
+                    prompt_tokens=item.prompt_tokens,
+                    completion_tokens=item.completion_tokens,
+                )
+            if isinstance(item, BaseException):
+                raise item
+            assert item is FINISHED
+        raise StopIteration
 
     def close(self) -> None:
-        self._closing.set()  # before the guard: a next() waiting for text returns within a token
-        with self._guard:
-            self._close()
-
-    def _close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._items.close()  # stops and joins the generation thread, if it started
-        finally:
-            self._release()
+        self._request.cancelled.set()
+        self._done = True
 
     def __enter__(self) -> GenerationStream:
         return self
@@ -311,188 +269,5 @@ class GenerationStream(Iterator[StreamItem]):
         self.close()
 
     def __del__(self) -> None:
-        if hasattr(self, "_items"):  # a stream nobody closed must not keep the engine locked
-            self.close()
-
-
-def _streamed(
-    prepared: _Prepared, cancelled: threading.Event, closing: threading.Event
-) -> Generator[StreamItem, None, None]:
-    """Run the generation thread and turn its streamer's text into stream items."""
-    from transformers import TextIteratorStreamer
-
-    streamer = TextIteratorStreamer(
-        prepared.loaded.tokenizer,
-        skip_prompt=True,
-        timeout=STREAMER_POLL_SECONDS,
-        skip_special_tokens=True,
-    )
-    stop_found = threading.Event()
-    worker = _GenerationThread(prepared, streamer, halt=(cancelled, closing, stop_found))
-    worker.start()
-    scanner, emitted, ended = StopScanner(prepared.request.stop), [], False
-    try:
-        for piece in _pieces(streamer, worker):
-            if text := scanner.feed(piece):
-                emitted.append(text)
-                yield TextDelta(text)
-            if scanner.stopped:
-                stop_found.set()
-                break
-        worker.join()
-        if worker.error is not None:
-            ended = True
-            raise worker.error
-        if cancelled.is_set() or closing.is_set():
-            return
-        if tail := scanner.flush():
-            emitted.append(tail)
-            yield TextDelta(tail)
-        ended = True
-        yield _result(prepared, worker, "".join(emitted), stopped=scanner.stopped)
-    finally:
-        closing.set()
-        worker.join()
-        if not ended:  # closed, or cancelled
-            logger.info("generation cancelled after %d tokens", worker.completion_tokens)
-
-
-def _pieces(streamer: Any, worker: threading.Thread) -> Iterator[str]:
-    """The streamer's text as it comes, until it ends or the generation thread is gone."""
-    while True:
-        alive = worker.is_alive()  # looked at first: whatever a dead thread put is queued
-        try:
-            piece: str = next(streamer)
-        except StopIteration:
-            return
-        except queue.Empty:
-            if alive:
-                continue
-            return  # the thread ended without ending the streamer (it failed)
-        yield piece
-
-
-def _result(
-    prepared: _Prepared, worker: _GenerationThread, text: str, *, stopped: bool
-) -> GenerationResult:
-    new_tokens = worker.new_tokens
-    ended_by_eos = len(new_tokens) > 0 and new_tokens[-1] in _eos_ids(prepared.loaded)
-    finish = (
-        FinishReason.STOP
-        if stopped or ended_by_eos or len(new_tokens) < prepared.request.max_new_tokens
-        else FinishReason.LENGTH
-    )
-    return GenerationResult(
-        text=text,
-        finish_reason=finish,
-        prompt_tokens=prepared.prompt_tokens,
-        completion_tokens=len(new_tokens),
-    )
-
-
-class _GenerationThread(threading.Thread):
-    """`model.generate` for one prepared request, feeding `streamer`; stops after the token
-    during which any of the `halt` events is set. Keeps the new token ids, or the error."""
-
-    def __init__(self, prepared: _Prepared, streamer: Any, halt: Sequence[threading.Event]) -> None:
-        super().__init__(name="tuneserve-generate", daemon=True)
-        self._prepared = prepared
-        self._streamer = streamer
-        self._halt = halt
-        self.new_tokens: list[int] = []
-        self.error: BaseException | None = None
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.new_tokens)
-
-    def run(self) -> None:
-        try:
-            self.new_tokens = self._generate()
-        except Exception as error:  # handed to the consumer, which raises it
-            logger.debug("generation failed", exc_info=True)
-            self.error = error
-
-    def _generate(self) -> list[int]:
-        import torch
-        from peft import PeftModel
-
-        request, loaded = self._prepared.request, self._prepared.loaded
-        if request.seed is not None:
-            torch.manual_seed(request.seed)
-        sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
-            if request.temperature > 0
-            else {"do_sample": False}
-        )
-        no_adapter = request.adapter_key is None and isinstance(loaded.model, PeftModel)
-        with torch.inference_mode(), _adapters_off(loaded.model, no_adapter):
-            output = loaded.model.generate(
-                **self._prepared.encoded,
-                max_new_tokens=request.max_new_tokens,
-                pad_token_id=loaded.tokenizer.pad_token_id,
-                streamer=self._streamer,
-                stopping_criteria=_stopping_criteria(self._prepared, self._halt),
-                **sampling,
-            )
-        return [int(token) for token in output[0][self._prepared.prompt_tokens :].tolist()]
-
-
-def _stopping_criteria(prepared: _Prepared, halt: Sequence[threading.Event]) -> Any:
-    """transformers StoppingCriteria, asked after every token: stop once any `halt` event is set
-    or the new text holds a stop sequence. The text is decoded here, in the generation thread,
-    so a stop sequence ends the generation at the token that completes it (the same token count
-    every time), and only generated text counts (not a stop sequence that a prompt's end starts).
-    """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    tokenizer, stops = prepared.loaded.tokenizer, prepared.request.stop or []
-
-    class Halt(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:  # noqa: ARG002
-            done = any(event.is_set() for event in halt) or _has_stop(input_ids[0])
-            return torch.full(
-                (input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device
-            )
-
-    def _has_stop(ids: Any) -> bool:
-        if not stops:
-            return False
-        text = tokenizer.decode(ids[prepared.prompt_tokens :].tolist(), skip_special_tokens=True)
-        return any(stop in text for stop in stops)
-
-    return StoppingCriteriaList([Halt()])
-
-
-def _require_safetensors(directory: Path, key: str) -> None:
-    """PEFT falls back to a pickled adapter_model.bin (unpickling runs code) when the
-    safetensors file is missing: weights load from safetensors only."""
-    if not (directory / "adapter_model.safetensors").is_file():
-        raise InvalidRequest(
-            f"Adapter {key} has no adapter_model.safetensors; only safetensors weights are loaded.",
-            code="adapter_not_safetensors",
-        )
-
-
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    eos = loaded.model.generation_config.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    if loaded.tokenizer.eos_token_id is not None:
-        ids.add(loaded.tokenizer.eos_token_id)
-    return ids
-
-
-class _adapters_off:
-    """`with model.disable_adapter()` when asked, a no-op otherwise."""
-
-    def __init__(self, model: Any, active: bool) -> None:
-        self._context = model.disable_adapter() if active else None
-
-    def __enter__(self) -> None:
-        if self._context is not None:
-            self._context.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
+        if hasattr(self, "_request"):  # a stream nobody closed must not keep decoding
+            self._request.cancelled.set()

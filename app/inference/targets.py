@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from app.adapters.repository import ServableAdapter, resolve_adapter
+from app.adapters.repository import ServableAdapter, record_adapter_use, resolve_adapter
 from app.base_models.registry import BaseModel, get_base_model, list_base_models
 from app.errors import NotFound
 from app.settings import Settings
@@ -56,3 +56,9 @@ def resolve_model(session: Session, settings: Settings, *, owner: str, model: st
             code="model_not_found",
             detail={"field": "model"},
         ) from exc
+
+
+def record_use(adapter_key: str | None) -> None:
+    """Count a generation against its adapter (request count, last use); none for a base model."""
+    if adapter_key is not None:
+        record_adapter_use(adapter_key)

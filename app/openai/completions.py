@@ -27,7 +27,7 @@ from app.inference.engine import (
     TextDelta,
 )
 from app.inference.streaming import stream_response
-from app.inference.targets import Target, resolve_model
+from app.inference.targets import Target, record_use, resolve_model
 from app.openai.common import OpenAIRequest, unsupported
 from app.settings import Settings
 
@@ -307,6 +307,7 @@ async def chat_completions(
         messages=[{"role": ROLES[m.role], "content": m.text()} for m in body.messages],
     )
     engine: InferenceEngine = request.app.state.engine
+    await run_in_threadpool(record_use, generation.adapter_key)
     if body.stream:
         chunks = _Chunks(body, "chat")
         return await stream_response(engine, generation, chunks.render, _stream_error)
@@ -337,6 +338,7 @@ async def completions(
     target = await run_in_threadpool(_target, settings, owner, body.model)
     generation = _generation(body, target, settings, max_tokens=body.max_tokens, prompt=body.prompt)
     engine: InferenceEngine = request.app.state.engine
+    await run_in_threadpool(record_use, generation.adapter_key)
     if body.stream:
         chunks = _Chunks(body, "text")
         return await stream_response(engine, generation, chunks.render, _stream_error)

@@ -1,11 +1,9 @@
-"""Streamed generation: the engine's stream (in process) and `stream: true` on POST /generate
-(the real api + Celery worker), with the tiny model."""
+"""Streamed generation: `stream: true` on POST /generate (the real api + Celery worker), with the
+tiny model. The engine itself is tested in test_batched_inference.py."""
 
 from __future__ import annotations
 
 import json
-import logging
-import threading
 import time
 from typing import Any
 
@@ -15,7 +13,6 @@ import pytest
 from tests.corpus import arithmetic_rows, jsonl
 from tests.fixtures.service import Service
 
-GENERATION_THREAD = "tuneserve-generate"
 PROMPT = "The three best things about living by the sea are"
 CHAT = [{"role": "user", "content": "What is 3 plus 3?"}]
 
@@ -153,18 +150,21 @@ def test_an_error_mid_stream_is_an_error_message(
     with TestClient(create_app()) as client:
         assert client.post("/generate", json=body, headers=headers).status_code == 200
         engine = client.app.state.engine  # type: ignore[attr-defined]
-        tokenizer, model = engine._models[tiny_model].tokenizer, engine._models[tiny_model].model
+        model = engine._models[tiny_model].model
+        forward, calls = model.forward, []
 
-        def fails_midway(input_ids: Any, streamer: Any, **_: Any) -> None:
-            streamer.put(input_ids)  # the prompt, skipped
-            streamer.put(tokenizer(" one two three ", return_tensors="pt")["input_ids"][0])
-            raise RuntimeError("the device fell off")
+        def fails_midway(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            if len(calls) > 3:  # the prefill and two decode steps, then the device goes
+                raise RuntimeError("the device fell off")
+            return forward(*args, **kwargs)
 
-        monkeypatch.setattr(model, "generate", fails_midway)
-        answer = client.post("/generate", json={**body, "stream": True}, headers=headers)
+        monkeypatch.setattr(model, "forward", fails_midway)
+        answer = client.post(
+            "/generate", json={**body, "max_new_tokens": 50, "stream": True}, headers=headers
+        )
         assert answer.status_code == 200
         messages = [m.removeprefix("data: ") for m in answer.text.split("\n\n") if m]
-        assert json.loads(messages[0]) == {"object": "generation.chunk", "text": " one two three "}
         error = json.loads(messages[-1])["error"]
         assert error["code"] == "internal_error" and "RuntimeError" in error["message"]
         assert "[DONE]" not in messages
@@ -182,126 +182,3 @@ def wait_for_log(path: Any, start: int, needle: str, timeout: float = 10) -> str
             return str(lines[-1])
         time.sleep(0.1)
     raise AssertionError(f"no {needle!r} in {path} after {timeout} s")
-
-
-# The engine in process
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model: str) -> Any:
-    from app.inference.engine import InferenceEngine
-    from app.settings import get_settings
-
-    return InferenceEngine(get_settings())
-
-
-def generation(tiny_model: str, **fields: Any) -> Any:
-    from app.base_models.registry import get_base_model
-    from app.inference.engine import Generation
-    from app.settings import get_settings
-
-    defaults: dict[str, Any] = {
-        "base_model": get_base_model(get_settings(), tiny_model),
-        "adapter_key": None,
-        "adapter_path": None,
-        "prompt": PROMPT,
-        "messages": None,
-        "max_new_tokens": 16,
-        "temperature": 0.0,
-        "top_p": 1.0,
-        "stop": None,
-        "seed": None,
-    }
-    return Generation(**{**defaults, **fields})
-
-
-def generation_threads() -> list[threading.Thread]:
-    return [thread for thread in threading.enumerate() if thread.name == GENERATION_THREAD]
-
-
-def test_engine_stream_yields_deltas_then_the_result(engine: Any, tiny_model: str) -> None:
-    from app.inference.engine import GenerationResult, TextDelta
-
-    with engine.stream(generation(tiny_model)) as stream:
-        items = list(stream)
-    *deltas, result = items
-    assert isinstance(result, GenerationResult)
-    assert deltas and all(isinstance(delta, TextDelta) and delta.text for delta in deltas)
-    assert "".join(delta.text for delta in deltas) == result.text
-    assert result == engine.generate(generation(tiny_model))
-    assert result.completion_tokens == 16 and result.finish_reason == "length"
-
-
-def test_closing_a_stream_stops_its_thread_and_frees_the_engine(
-    engine: Any, tiny_model: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    stream = engine.stream(generation(tiny_model, prompt="Hi", max_new_tokens=1000))
-    with caplog.at_level(logging.INFO, logger="app.inference.engine"):
-        assert [next(stream), next(stream)]
-        assert generation_threads()
-        stream.close()
-    assert not generation_threads()
-    cancelled = [r.getMessage() for r in caplog.records if "generation cancelled" in r.message]
-    assert cancelled and int(cancelled[-1].split()[-2]) < 1000
-    started = time.monotonic()
-    assert engine.generate(generation(tiny_model, max_new_tokens=4)).completion_tokens == 4
-    assert time.monotonic() - started < 5
-
-
-def test_a_cancelled_event_ends_the_stream_without_a_result(engine: Any, tiny_model: str) -> None:
-    from app.inference.engine import TextDelta
-
-    cancelled = threading.Event()
-    with engine.stream(
-        generation(tiny_model, prompt="Hi", max_new_tokens=1000), cancelled
-    ) as stream:
-        assert isinstance(next(stream), TextDelta)
-        cancelled.set()
-        rest = list(stream)
-    assert all(isinstance(item, TextDelta) for item in rest)  # what was queued; no result
-    assert not generation_threads()
-    assert engine.generate(generation(tiny_model, max_new_tokens=2)).completion_tokens == 2
-
-
-def test_bad_requests_raise_before_streaming(engine: Any, tiny_model: str) -> None:
-    from app.inference.engine import ContextLengthExceeded
-
-    with pytest.raises(ContextLengthExceeded):
-        engine.stream(generation(tiny_model, max_new_tokens=1024))
-    assert not generation_threads()
-    assert engine.generate(generation(tiny_model, max_new_tokens=2)).completion_tokens == 2
-
-
-def test_an_error_in_the_generation_thread_reaches_the_consumer(
-    engine: Any, tiny_model: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    engine.generate(generation(tiny_model, max_new_tokens=1))  # loaded
-    model = engine._models[tiny_model].model
-
-    def broken(**_: Any) -> None:
-        raise RuntimeError("out of memory, say")
-
-    monkeypatch.setattr(model, "generate", broken)
-    with pytest.raises(RuntimeError, match="out of memory, say"):
-        engine.generate(generation(tiny_model))
-    monkeypatch.undo()
-    assert not generation_threads()
-    assert engine.generate(generation(tiny_model, max_new_tokens=2)).completion_tokens == 2
-
-
-def test_concurrent_streams_take_turns(engine: Any, tiny_model: str) -> None:
-    from app.inference.engine import GenerationResult
-
-    expected = engine.generate(generation(tiny_model))
-    results: list[GenerationResult] = []
-
-    def consume() -> None:
-        with engine.stream(generation(tiny_model)) as stream:
-            results.extend(item for item in stream if isinstance(item, GenerationResult))
-
-    threads = [threading.Thread(target=consume) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert results == [expected] * 3

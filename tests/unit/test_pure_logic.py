@@ -14,23 +14,8 @@ from app.base_models.registry import (
     list_base_models,
 )
 from app.files.service import safe_filename
-from app.inference.engine import trim_at_stop
 from app.settings import Settings
 from worker.training import total_steps
-
-
-@pytest.mark.parametrize(
-    ("text", "stops", "expected"),
-    [
-        ("hello world", None, ("hello world", False)),
-        ("hello world", ["xyz"], ("hello world", False)),
-        ("hello world. more", ["."], ("hello world", True)),
-        ("a;b.c", [".", ";"], ("a", True)),  # the earliest stop wins, whatever its order
-        ("END at start", ["END"], ("", True)),
-    ],
-)
-def test_trim_at_stop(text, stops, expected) -> None:
-    assert trim_at_stop(text, stops) == expected
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,225 @@
+"""LoRA for a batch of requests that use different adapters, in one pass through the base model.
+
+PEFT loops over adapters inside every layer. Here each adapted `nn.Linear` holds every loaded
+adapter's weights side by side in slots (see `LoraLinear`; B pre-scaled by alpha / r), and a
+batch row names its slot (0: no adapter). The LoRA delta of a mixed batch is then two dense
+matmuls over all slots with each row's foreign slots masked out in between, whatever the mix:
+the batched, segment-by-adapter computation of Punica's SGMV and S-LoRA, in plain PyTorch.
+Adapters of a smaller rank are zero-padded to the largest, which changes nothing. When every
+row uses the same adapter, only its block is used.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from app.errors import InvalidRequest
+
+NO_ADAPTER = 0
+_WEIGHT = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$"
+)
+
+
+class AdapterNotLoadable(InvalidRequest):
+    code = "adapter_not_loadable"
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """An adapter read from disk: per module path, A [r, in] and B [out, r] scaled."""
+
+    key: str
+    rank: int
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def bytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+
+def read_adapter(directory: Path, key: str) -> AdapterWeights:
+    """adapter_config.json and adapter_model.safetensors (never a pickle) as AdapterWeights."""
+    from safetensors.torch import load_file
+
+    weights_file = directory / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise AdapterNotLoadable(
+            f"Adapter {key} has no adapter_model.safetensors; only safetensors weights are loaded.",
+            code="adapter_not_safetensors",
+        )
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterNotLoadable(f"Adapter {key}: unreadable adapter_config.json ({exc}).") from exc
+    if config.get("use_dora"):
+        raise AdapterNotLoadable(f"Adapter {key} is a DoRA adapter; only LoRA is served.")
+    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(str(weights_file)).items():
+        match = _WEIGHT.match(name)
+        if match is None:
+            raise AdapterNotLoadable(f"Adapter {key}: unexpected tensor {name!r}.")
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    modules = {}
+    for module, pair in parts.items():
+        if set(pair) != {"A", "B"}:
+            raise AdapterNotLoadable(f"Adapter {key}: {module} lacks lora_A or lora_B.")
+        modules[module] = (pair["A"].float(), pair["B"].float() * scale)
+    return AdapterWeights(key=key, rank=rank, modules=modules)
+
+
+class _Rows(threading.local):
+    """Which slot each row of the batch in flight uses (set by the one thread that runs it)."""
+
+    single: int | None = None  # every row uses this slot (None: a mix)
+    mask: torch.Tensor | None = None  # [rows, slots * rank]: 1 where a column is the row's slot
+
+
+class LoraLinear(nn.Module):
+    """A base `nn.Linear` plus the LoRA weights of every slot, side by side: `A` is
+    [slots * rank, in], `B` is [out, slots * rank], slot s in columns s*rank…(s+1)*rank.
+
+    One adapter for every row: its block, as two small matmuls. A mix: two dense matmuls over
+    every slot at once, with the columns of other slots zeroed per row in between (no per-row
+    gathering of weights, which costs more memory traffic than the matmuls themselves).
+    """
+
+    def __init__(self, base: nn.Linear, rows: _Rows, slots: int, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        self.rows = rows
+        self.slots = slots
+        self.rank = rank
+        # fp32 whatever the base's precision: small bf16 matmuls are slow on CPUs (10x, measured).
+        device = base.weight.device
+        self.A = torch.zeros(slots * rank, base.in_features, device=device)
+        self.B = torch.zeros(base.out_features, slots * rank, device=device)
+        self.used = [False] * slots  # slots this module has weights in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.base(x)
+        single = self.rows.single
+        if single is not None:
+            if not self.used[single]:
+                return y
+            block = slice(single * self.rank, (single + 1) * self.rank)
+            delta = (x.float() @ self.A[block].T) @ self.B[:, block].T
+            return y + delta.to(y.dtype)
+        mask = self.rows.mask
+        if mask is None or not any(self.used):
+            return y
+        mixed = ((x.float() @ self.A.T) * mask[:, None, :]) @ self.B.T
+        return y + mixed.to(y.dtype)
+
+    def grow(self, rank: int) -> None:
+        """Room for adapters of a larger rank (zero padding keeps the others exact)."""
+        extra = rank - self.rank
+        if extra <= 0:
+            return
+        a = self.A.view(self.slots, self.rank, -1)
+        self.A = torch.nn.functional.pad(a, (0, 0, 0, extra)).reshape(self.slots * rank, -1)
+        b = self.B.view(-1, self.slots, self.rank)
+        self.B = torch.nn.functional.pad(b, (0, extra)).reshape(-1, self.slots * rank)
+        self.rank = rank
+
+    def put(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        block = slice(slot * self.rank, (slot + 1) * self.rank)
+        self.A[block].zero_()
+        self.B[:, block].zero_()
+        self.used[slot] = a is not None
+        if a is not None and b is not None:
+            rank = a.shape[0]
+            self.A[slot * self.rank : slot * self.rank + rank] = a
+            self.B[:, slot * self.rank : slot * self.rank + rank] = b
+
+
+class LoraSlots:
+    """The adapter slots of one base model: which adapter sits in which slot, and the layers.
+
+    Only the thread that runs the model calls `install` and `batch`; layers are wrapped the
+    first time an adapter targets them.
+    """
+
+    def __init__(self, model: nn.Module, capacity: int) -> None:
+        self.model = model
+        self.capacity = capacity
+        self.rows = _Rows()
+        self.layers: dict[str, LoraLinear] = {}
+        self.rank = 1
+        self.slot_of: dict[str, int] = {}
+
+    def free_slot(self) -> int | None:
+        taken = set(self.slot_of.values())
+        return next((s for s in range(1, self.capacity + 1) if s not in taken), None)
+
+    def install(self, weights: AdapterWeights, slot: int) -> None:
+        self.check(weights)
+        if weights.rank > self.rank:
+            self.rank = weights.rank
+            for layer in self.layers.values():
+                layer.grow(self.rank)
+        for name, (a, b) in weights.modules.items():
+            self._layer(name).put(slot, a, b)
+        for name, layer in self.layers.items():
+            if name not in weights.modules:
+                layer.put(slot, None, None)
+        self.slot_of[weights.key] = slot
+
+    def remove(self, key: str) -> None:
+        slot = self.slot_of.pop(key)
+        for layer in self.layers.values():
+            layer.put(slot, None, None)
+
+    def batch(self, slots: list[int]) -> None:
+        """Set the rows of the next forward pass."""
+        if len(set(slots)) == 1:
+            self.rows.single, self.rows.mask = slots[0], None
+            return
+        columns = torch.arange(self.capacity + 1).repeat_interleave(self.rank)
+        rows = torch.tensor(slots)[:, None]
+        self.rows.single, self.rows.mask = None, (rows == columns[None, :]).float()
+
+    def check(self, weights: AdapterWeights) -> None:
+        """Refuse an adapter whose modules or shapes do not fit this base model."""
+        for name, (a, b) in weights.modules.items():
+            base = self._base_linear(name)
+            if base is None:
+                raise AdapterNotLoadable(
+                    f"Adapter {weights.key} targets {name}, which is not a linear layer of this "
+                    "base model: it was trained on another model."
+                )
+            want_a, want_b = (weights.rank, base.in_features), (base.out_features, weights.rank)
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise AdapterNotLoadable(
+                    f"Adapter {weights.key}: {name} has LoRA shapes {tuple(a.shape)} and "
+                    f"{tuple(b.shape)}, expected {want_a} and {want_b}: it was trained on "
+                    "another model."
+                )
+
+    def _base_linear(self, name: str) -> nn.Linear | None:
+        if name in self.layers:
+            return self.layers[name].base
+        try:
+            module = self.model.get_submodule(name)
+        except AttributeError:
+            return None
+        return module if isinstance(module, nn.Linear) else None
+
+    def _layer(self, name: str) -> LoraLinear:
+        if name not in self.layers:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            base = getattr(parent, child)
+            layer = LoraLinear(base, self.rows, self.capacity + 1, self.rank)
+            setattr(parent, child, layer)
+            self.layers[name] = layer
+        return self.layers[name]
