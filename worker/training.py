@@ -143,6 +143,20 @@ def _eval_strategy(has_eval: bool, every_steps: int | None) -> str:
     return "steps" if every_steps else "epoch"
 
 
+def trained_tokens(tokenizer: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records as token ids with the loss mask: for chat, only the assistant messages are
+    learned; for prompt-completion, only the completion (app/datasets/loss_mask.py). TRL's fused
+    LM head then projects only those positions: the loss costs nothing where nothing is
+    learned."""
+    from app.datasets.loss_mask import token_mask
+
+    examples = []
+    for record in records:
+        input_ids, mask = token_mask(tokenizer, record)
+        examples.append({"input_ids": input_ids, "assistant_masks": [int(bit) for bit in mask]})
+    return examples
+
+
 def total_steps(rows: int, hyperparameters: dict[str, Any], world_size: int = 1) -> int:
     """The optimizer steps the Trainer will take (it rounds batches, then accumulation, up);
     with data parallelism each step takes batch_size rows on every rank."""
@@ -185,8 +199,10 @@ def train_lora(
         **spec.model_kwargs,
     )
 
-    train_dataset = Dataset.from_list(train_records)
-    eval_dataset = Dataset.from_list(eval_records) if eval_records else None
+    train_dataset = Dataset.from_list(trained_tokens(tokenizer, train_records))
+    eval_dataset = (
+        Dataset.from_list(trained_tokens(tokenizer, eval_records)) if eval_records else None
+    )
 
     config = SFTConfig(
         output_dir=str(output_dir / "trainer"),
@@ -213,6 +229,8 @@ def train_lora(
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        # Batches of rows of similar length: little padding to compute and throw away.
+        train_sampling_strategy="group_by_length",
         packing=False,
         ddp_find_unused_parameters=False,
         dataset_num_proc=None,

@@ -183,11 +183,11 @@ class InferenceEngine:
     def _load(self, base_model: BaseModel) -> LoadedModel:
         import torch
 
-        model = load_causal_lm(self.settings, base_model)
         dtype = inference_dtype(self.settings.inference_precision)
+        # Loaded in its serving precision: never a second, fp32 copy in memory.
+        model = load_causal_lm(self.settings, base_model, dtype=getattr(torch, dtype))
         if torch.cuda.is_available():  # ROCm and CUDA both answer here
             model.to(torch.device("cuda"))  # type: ignore[arg-type]
-        model.to(getattr(torch, dtype))
         model.eval()  # type: ignore[no-untyped-call]
         tokenizer = load_tokenizer(self.settings, base_model)
         context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
