@@ -29,6 +29,7 @@ from app.settings import Settings, get_settings
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings.ensure_dirs()
     yield
+    app.state.engine.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

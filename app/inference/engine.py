@@ -99,6 +99,13 @@ class InferenceEngine:
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._loading = threading.Lock()
 
+    def close(self) -> None:
+        """Stop every batch thread (the api is shutting down)."""
+        for loaded in list(self._models.values()):
+            loaded.batcher.stop()
+        for loaded in list(self._models.values()):
+            loaded.batcher.thread.join(timeout=10)
+
     def loaded_adapter_ids(self) -> frozenset[str]:
         """The adapters in a slot of this process (any base model) right now."""
         return frozenset(

@@ -86,7 +86,7 @@ class _Rows(threading.local):
 
 class LoraLinear(nn.Module):
     """A base `nn.Linear` plus the LoRA weights of every slot, side by side: `A` is
-    [slots * rank, in], `B` is [out, slots * rank], slot s in columns s*rank…(s+1)*rank.
+    [slots * rank, in], `B` (transposed) is [slots * rank, out], slot s in rows s*rank…(s+1)*rank.
 
     One adapter for every row: its block, as two small matmuls. A mix: two dense matmuls over
     every slot at once, with the columns of other slots zeroed per row in between (no per-row
@@ -102,7 +102,7 @@ class LoraLinear(nn.Module):
         # fp32 whatever the base's precision: small bf16 matmuls are slow on CPUs (10x, measured).
         device = base.weight.device
         self.A = torch.zeros(slots * rank, base.in_features, device=device)
-        self.B = torch.zeros(base.out_features, slots * rank, device=device)
+        self.B = torch.zeros(slots * rank, base.out_features, device=device)  # B transposed
         self.used = [False] * slots  # slots this module has weights in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,34 +112,35 @@ class LoraLinear(nn.Module):
             if not self.used[single]:
                 return y
             block = slice(single * self.rank, (single + 1) * self.rank)
-            delta = (x.float() @ self.A[block].T) @ self.B[:, block].T
-            return y + delta.to(y.dtype)
-        mask = self.rows.mask
-        if mask is None or not any(self.used):
-            return y
-        mixed = ((x.float() @ self.A.T) * mask[:, None, :]) @ self.B.T
-        return y + mixed.to(y.dtype)
+            delta = (x.float() @ self.A[block].T) @ self.B[block]
+        else:
+            mask = self.rows.mask
+            if mask is None or not any(self.used):
+                return y
+            delta = ((x.float() @ self.A.T) * mask[:, None, :]) @ self.B
+        return y.add_(delta.to(y.dtype))
 
     def grow(self, rank: int) -> None:
         """Room for adapters of a larger rank (zero padding keeps the others exact)."""
         extra = rank - self.rank
         if extra <= 0:
             return
-        a = self.A.view(self.slots, self.rank, -1)
-        self.A = torch.nn.functional.pad(a, (0, 0, 0, extra)).reshape(self.slots * rank, -1)
-        b = self.B.view(-1, self.slots, self.rank)
-        self.B = torch.nn.functional.pad(b, (0, extra)).reshape(-1, self.slots * rank)
+        for name in ("A", "B"):
+            stacked = getattr(self, name).view(self.slots, self.rank, -1)
+            padded = torch.nn.functional.pad(stacked, (0, 0, 0, extra))
+            setattr(self, name, padded.reshape(self.slots * rank, -1))
         self.rank = rank
 
     def put(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
+        """Slot `slot` gets A [r, in] and B [out, r] (or nothing)."""
         block = slice(slot * self.rank, (slot + 1) * self.rank)
         self.A[block].zero_()
-        self.B[:, block].zero_()
+        self.B[block].zero_()
         self.used[slot] = a is not None
         if a is not None and b is not None:
-            rank = a.shape[0]
-            self.A[slot * self.rank : slot * self.rank + rank] = a
-            self.B[:, slot * self.rank : slot * self.rank + rank] = b
+            rows = slice(slot * self.rank, slot * self.rank + a.shape[0])
+            self.A[rows] = a
+            self.B[rows] = b.T
 
 
 class LoraSlots:

@@ -68,8 +68,7 @@ def engine(settings: Any) -> Iterator[Any]:
 
     engine = InferenceEngine(settings)
     yield engine
-    for loaded in engine._models.values():
-        loaded.batcher.stop()
+    engine.close()
 
 
 def generation(settings: Any, tiny_model: str, adapter: str | None = None, **fields: Any) -> Any:
@@ -280,5 +279,4 @@ def test_bf16_serves_with_fp32_lora_weights(settings: Any, tiny_model: str, adap
         assert next(loaded.model.parameters()).dtype == torch.bfloat16
         assert all(layer.A.dtype == torch.float32 for layer in loaded.batcher.slots.layers.values())
     finally:
-        for loaded in engine._models.values():
-            loaded.batcher.stop()
+        engine.close()
