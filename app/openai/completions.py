@@ -139,38 +139,36 @@ class AssistantMessage(BaseModel):
     refusal: None = None
 
 
-class ChatChoice(BaseModel):
+class _Choice(BaseModel):
     index: int = 0
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatChoice(_Choice):
     message: AssistantMessage
-    finish_reason: str
-    logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    system_fingerprint: None = None
-
-
-class TextChoice(BaseModel):
-    index: int = 0
+class TextChoice(_Choice):
     text: str
-    finish_reason: str
-    logprobs: None = None
 
 
-class TextCompletion(BaseModel):
+class _Completion(BaseModel):
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[TextChoice]
     usage: Usage
     system_fingerprint: None = None
+
+
+class ChatCompletion(_Completion):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+
+
+class TextCompletion(_Completion):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[TextChoice]
 
 
 def _target(settings: Settings, owner: str, model: str) -> Target:
