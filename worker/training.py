@@ -24,6 +24,7 @@ class TrainingSpec:
     lora: dict[str, Any]
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     bf16: bool = False
+    gradient_checkpointing: bool = False
     checkpoint_every_steps: int = 50
     checkpoint_every_minutes: float = 10.0
     checkpoints_kept: int = 3
@@ -218,6 +219,9 @@ def train_lora(
         seed=hp["seed"],
         data_seed=hp["seed"],
         bf16=spec.bf16,
+        # TRL turns activation checkpointing on by default: a second forward pass in every
+        # backward. Only a job that would not fit in memory without it pays that.
+        gradient_checkpointing=spec.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
         eval_strategy=_eval_strategy(eval_dataset is not None, hp.get("eval_every_steps")),
