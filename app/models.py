@@ -3,7 +3,17 @@
 from app.adapters.models import Adapter
 from app.db import Base
 from app.files.models import File
-from app.jobs.models import Job, JobCheckpoint, JobEvent, JobMetric
+from app.jobs.models import Job, JobCheckpoint, JobEvent, JobMetric, Throughput
 from app.keys.models import ApiKey
 
-__all__ = ["Adapter", "ApiKey", "Base", "File", "Job", "JobCheckpoint", "JobEvent", "JobMetric"]
+__all__ = [
+    "Adapter",
+    "ApiKey",
+    "Base",
+    "File",
+    "Job",
+    "JobCheckpoint",
+    "JobEvent",
+    "JobMetric",
+    "Throughput",
+]

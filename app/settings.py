@@ -166,6 +166,13 @@ class Settings(BaseSettings):
         description="Processes (GPUs) one job trains on, data-parallel through torchrun; 0 = "
         "every GPU of the node.",
     )
+    device_memory_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Memory of one training device (bytes) that job plans, the fit check at "
+        "submission and auto batch_size assume. Default: what workers of the target class "
+        "recorded (GPU memory, or the machine's RAM for CPU workers), else this machine's.",
+    )
     log_level: str = Field(default="INFO", description="Log level of every process.")
 
     @field_validator("data_dir")

@@ -7,30 +7,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
+from app.base_models.facts import model_facts
 from app.base_models.loading import hub_kwargs
 from app.base_models.registry import get_base_model
-from app.datasets.fetch import FetchedDataset, FetchError, fetch_dataset
-from app.datasets.formats import DatasetError, DatasetFormat, ParsedDataset, parse_dataset
-from app.db import unit_of_work
-from app.errors import NotFound
-from app.files.repository import get_file
+from app.datasets.fetch import FetchedDataset
+from app.datasets.formats import ParsedDataset
+from app.datasets.reading import (
+    MAX_LISTED_ROWS,
+    DatasetFailure,
+    bring_here,
+    check_lengths,
+    parse,
+    token_counts,
+)
+from app.jobs.auto import Resolved, auto_fields, resolve
+from app.jobs.memory import batch_fits
 from app.jobs.models import Job
 from app.settings import Settings
-from app.storage import artifact_store
+from worker.devices import Device
 from worker.training import total_steps
 
 logger = logging.getLogger(__name__)
-MAX_LISTED_ROWS = 10
+__all__ = ["MAX_LISTED_ROWS", "DatasetFacts", "JobFailure", "PreparedDatasets", "prepare_datasets"]
 
 
-class JobFailure(Exception):
-    """A reason to fail the job that the user can act on (bad dataset, missing model…)."""
-
-    def __init__(self, code: str, message: str, detail: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.detail = detail
+# A reason to fail the job that the user can act on (bad dataset, missing model…).
+JobFailure = DatasetFailure
 
 
 class DatasetFacts(TypedDict, total=False):
@@ -52,73 +54,22 @@ class PreparedDatasets:
     eval_records: list[dict[str, Any]] | None
     total_steps: int
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)  # "auto" resolved
+    auto: list[str] = field(default_factory=list)  # the names that were "auto"
 
 
 def _bring_here(
     job: Job, url: str, settings: Settings, dest: Path, field_name: str
 ) -> FetchedDataset:
-    if url.startswith("file-"):
-        try:
-            with unit_of_work() as session:
-                file = get_file(session, owner=job.owner, file_id=url)
-        except NotFound as exc:
-            raise JobFailure("dataset_not_found", f"{field_name}: {exc.message}") from exc
-        store = artifact_store(settings)
-        path = store.local_path(file.path)
-        if path is None:
-            path = dest
-            store.get_file(file.path, path)
-        return FetchedDataset(
-            path=path, filename=file.filename, bytes=file.bytes, sha256=file.sha256, etag=None
-        )
-    try:
-        return fetch_dataset(
-            url,
-            dest,
-            allowed_file_dirs=settings.allowed_file_dirs,
-            max_bytes=settings.max_dataset_bytes,
-            timeout_seconds=settings.fetch_timeout_seconds,
-            max_seconds=settings.fetch_max_seconds,
-            allow_private_networks=settings.allow_private_networks,
-        )
-    except FetchError as exc:
-        raise JobFailure(exc.code, f"{field_name}: {exc.message}") from exc
+    return bring_here(job.owner, url, settings, dest, field_name)
 
 
 def _parse(fetched: FetchedDataset, field_name: str, settings: Settings) -> ParsedDataset:
-    try:
-        return parse_dataset(
-            fetched.path,
-            filename=fetched.filename,
-            max_bytes=settings.max_dataset_bytes,
-            max_rows=settings.max_dataset_rows,
-        )
-    except DatasetError as exc:
-        detail = {
-            "field": field_name,
-            "file": fetched.filename,
-            "error_count": exc.error_count,
-            "errors": [
-                {"line": error.line, "field": error.field, "message": error.message}
-                for error in exc.errors
-            ],
-        }
-        raise JobFailure(exc.code, f"{field_name} ({fetched.filename}): {exc}", detail) from exc
+    return parse(fetched, field_name, settings)
 
 
 def _token_counts(parsed: ParsedDataset, tokenizer: Any) -> list[int]:
-    counts = []
-    for record in parsed.records:
-        if parsed.format is DatasetFormat.PROMPT_COMPLETION:
-            ids = tokenizer(record["prompt"] + record["completion"])["input_ids"]
-            counts.append(len(ids) + 1)  # + eos
-        elif parsed.format is DatasetFormat.TEXT:
-            counts.append(len(tokenizer(record["text"])["input_ids"]) + 1)
-        else:
-            rendered = tokenizer.apply_chat_template(record["messages"], tokenize=True)
-            ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
-            counts.append(len(ids))
-    return counts
+    return token_counts(parsed, tokenizer)
 
 
 def _check_lengths(
@@ -128,34 +79,50 @@ def _check_lengths(
     fetched: FetchedDataset,
     field_name: str,
 ) -> None:
-    too_long = [
-        (line, count)
-        for line, count in zip(parsed.lines, counts, strict=True)
-        if count > max_seq_length
-    ]
-    if not too_long:
-        return
-    listed = ", ".join(
-        f"line {line} ({count} tokens)" for line, count in too_long[:MAX_LISTED_ROWS]
-    )
-    longest = max(count for _, count in too_long)
-    raise JobFailure(
-        "rows_too_long",
-        f"{field_name} ({fetched.filename}): {len(too_long)} row(s) are longer than "
-        f"max_seq_length={max_seq_length} tokens after the chat template: {listed}. Raise "
-        f"hyperparameters.max_seq_length to at least {longest}, or shorten or remove those rows.",
-        {
-            "field": field_name,
-            "max_seq_length": max_seq_length,
-            "rows": [{"line": line, "tokens": count} for line, count in too_long[:50]],
-            "count": len(too_long),
-        },
+    check_lengths(parsed, counts, max_seq_length, fetched, field_name)
+
+
+def resolve_hyperparameters(
+    job: Job,
+    settings: Settings,
+    *,
+    rows: int,
+    max_row_tokens: int,
+    device: Device | None,
+) -> Resolved:
+    """The job's "auto" hyperparameters as numbers for this dataset and this worker's device
+    (app/jobs/auto.py has the rules; auto batch_size fits the device's memory, or
+    TUNESERVE_DEVICE_MEMORY_BYTES); a job with none is returned as it is."""
+    if not auto_fields(job.hyperparameters):
+        return Resolved(hyperparameters=dict(job.hyperparameters), auto=[])
+    facts = model_facts(settings, get_base_model(settings, job.base_model))
+    seq = min(int(job.hyperparameters["max_seq_length"]), max_row_tokens)
+    memory = settings.device_memory_bytes or (device.memory_bytes if device else None)
+    return resolve(
+        job.hyperparameters,
+        rows=rows,
+        model_params=facts.params,
+        fits=batch_fits(
+            facts,
+            job.lora,
+            rows=rows,
+            seq=seq,
+            device_bytes=memory,
+            accelerator=device.accelerator_class if device else "cpu",
+        ),
     )
 
 
 def prepare_datasets(
-    job: Job, settings: Settings, model_location: str, workdir: Path, world_size: int = 1
+    job: Job,
+    settings: Settings,
+    model_location: str,
+    workdir: Path,
+    world_size: int = 1,
+    device: Device | None = None,
 ) -> PreparedDatasets:
+    """Fetch, parse and check the datasets and resolve "auto" hyperparameters (auto batch_size
+    fits `device`'s memory when given)."""
     from transformers import AutoTokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -198,10 +165,19 @@ def prepare_datasets(
             "tokens": sum(v_counts),
             "sha256": v_fetched.sha256,
         }
+    resolved = resolve_hyperparameters(
+        job,
+        settings,
+        rows=parsed.rows,
+        max_row_tokens=max(counts),
+        device=device,
+    )
     return PreparedDatasets(
         facts=facts,
         train_records=parsed.records,
         eval_records=eval_records,
-        total_steps=total_steps(parsed.rows, job.hyperparameters, world_size),
+        total_steps=total_steps(parsed.rows, resolved.hyperparameters, world_size),
         model_kwargs=model_kwargs,
+        hyperparameters=resolved.hyperparameters,
+        auto=resolved.auto,
     )

@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
 from app.base_models.loading import BaseModelUnavailable, model_location
@@ -30,7 +31,7 @@ from app.db import unit_of_work, utcnow
 from app.errors import TuneserveError
 from app.ids import new_id
 from app.jobs.events import append_event
-from app.jobs.models import ACTIVE_STATUSES, Job, JobStatus
+from app.jobs.models import ACTIVE_STATUSES, Job, JobStatus, Throughput
 from app.jobs.transitions import transition
 from app.settings import Settings, get_settings
 from app.storage import artifact_store
@@ -41,7 +42,13 @@ from worker.distributed import node_processes, run_distributed
 from worker.heartbeat import Heartbeat
 from worker.progress import ProgressWriter
 from worker.sql import with_retries
-from worker.training import Checkpoint, TrainingHooks, TrainingSpec, train_lora
+from worker.training import (
+    Checkpoint,
+    TrainingHooks,
+    TrainingResult,
+    TrainingSpec,
+    train_lora,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -255,17 +262,31 @@ def _run_claimed(context: JobContext) -> None:
     context.check_stop()
 
     processes = settings.training_processes or node_processes()
-    prepared = prepare_datasets(job, settings, location, context.workdir, processes)
+    prepared = prepare_datasets(
+        job,
+        settings,
+        location,
+        context.workdir,
+        processes,
+        device=device,
+    )
     facts: DatasetFacts = prepared.facts
+    resolved = {name: prepared.hyperparameters[name] for name in prepared.auto}
     with unit_of_work() as session:
-        session.execute(update(Job).where(Job.id == job.id).values(dataset=facts))
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id)
+            .values(dataset=facts, hyperparameters=prepared.hyperparameters)
+        )
+        chosen = ", ".join(f"{name}={value}" for name, value in resolved.items())
+        auto = f" Auto hyperparameters: {chosen}." if resolved else ""
         append_event(
             session,
             job.id,
             "job.dataset_validated",
             f"Dataset valid: {facts['rows']} rows, format {facts['format']}, "
-            f"{facts['tokens']} tokens.",
-            data=dict(facts),
+            f"{facts['tokens']} tokens.{auto}",
+            data={**facts, "auto_hyperparameters": resolved} if resolved else dict(facts),
         )
     context.check_stop()
 
@@ -285,7 +306,7 @@ def _run_claimed(context: JobContext) -> None:
     if not started:
         raise JobStopped("claim_lost")
 
-    hp = job.hyperparameters
+    hp = prepared.hyperparameters
     resume_from = None
     checkpoint = latest_checkpoint(job.id)
     if checkpoint is not None:
@@ -374,11 +395,44 @@ def _run_claimed(context: JobContext) -> None:
             )
             if not succeeded:
                 session.rollback()
+            elif resume_from is None:
+                _record_throughput(session, job, device, processes, writer.progress, result)
             return succeeded
 
     if not with_retries(succeed, what=f"finish job {job.id}"):
         artifact_store(settings).delete(adapter.path)
         raise JobStopped("claim_lost")
+
+
+def _record_throughput(
+    session: Session,
+    job: Job,
+    device: Device,
+    processes: int,
+    progress: dict[str, Any],
+    result: TrainingResult,
+) -> None:
+    """The speed this job trained at, for plans to estimate later jobs' time from. Jobs on a
+    second attempt are left out: their clock started with the first."""
+    speed = progress.get("tokens_per_second")
+    started, attempt = session.execute(
+        select(Job.started_at, Job.attempt).where(Job.id == job.id)
+    ).one()
+    if not speed or not result.trained_tokens or started is None or attempt != 1:
+        return
+    session.add(
+        Throughput(
+            job_id=job.id,
+            accelerator=device.accelerator_class,
+            device_name=device.name[:200],
+            processes=processes,
+            base_model=job.base_model,
+            trained_tokens=result.trained_tokens,
+            tokens_per_second=float(speed),
+            job_seconds=(utcnow() - started).total_seconds(),
+            created_at=utcnow(),
+        )
+    )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ everything else (system, user, the template's role headers) is masked. The bound
 rendering the conversation up to each assistant message (with the generation prompt) and through
 it, which needs no `{% generation %}` tags in the template (SmolLM2's has none). A template that
 renders a prefix differently from the whole conversation falls back to the message's content as
-written, found in the rendering.
+written (or stripped of surrounding whitespace, as some templates do), found in the rendering.
 
 Prompt-completion examples train on the completion and the EOS token TRL appends, as TRL does
 (the completion starts where the tokenized prompt and prompt+completion diverge). Text examples
@@ -49,9 +49,7 @@ class _Rendered:
 
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]], *, prompt: bool = False) -> str:
     return str(
-        tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=prompt
-        )
+        tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=prompt)
     )
 
 
@@ -79,9 +77,11 @@ def assistant_spans(tokenizer: Any, messages: Sequence[dict[str, str]]) -> tuple
         ):
             span = (len(before), len(through))
         else:
-            found = full.find(message["content"], cursor)
-            if found >= 0:
-                span = (found, found + len(message["content"]))
+            for content in (message["content"], message["content"].strip()):
+                found = full.find(content, cursor) if content else -1
+                if found >= 0:
+                    span = (found, found + len(content))
+                    break
         if span is not None:
             spans.append(span)
             cursor = span[1]
@@ -93,10 +93,12 @@ def _token_starts(tokenizer: Any, text: str, **kwargs: Any) -> tuple[list[int], 
     if getattr(tokenizer, "is_fast", False):
         encoded = tokenizer(text, return_offsets_mapping=True, **kwargs)
         ids = list(encoded["input_ids"])
+        # A token starts where the one before it ended: offsets of some tokenizers leave out a
+        # token's leading space, which belongs to the token all the same.
         starts, last = [], 0
-        for start, _end in encoded["offset_mapping"]:
-            last = max(last, int(start))
+        for _start, end in encoded["offset_mapping"]:
             starts.append(last)
+            last = max(last, int(end))
         return ids, starts
     # Slow tokenizers have no offsets: a token starts where the decoded prefix before it ends.
     ids = list(tokenizer(text, **kwargs)["input_ids"])

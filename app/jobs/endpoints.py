@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from app.deps import CurrentOwner, SessionDep, SettingsDep
-from app.jobs import repository, service
+from app.errors import ErrorBody
+from app.jobs import plan, repository, service
 from app.jobs.events import list_events
 from app.jobs.models import JobStatus
 from app.jobs.schemas import (
@@ -19,6 +20,7 @@ from app.jobs.schemas import (
     JobEventList,
     JobEventView,
     JobList,
+    JobPlan,
     JobView,
     MetricList,
     MetricPoint,
@@ -45,9 +47,15 @@ IdempotencyKey = Annotated[
     summary="Submit a fine-tuning job",
     responses={
         200: {
-            "model": JobView,
+            "model": JobView | JobPlan,
             "description": "A retry with the same Idempotency-Key and body: the job the first "
-            "request created, with the header `Idempotent-Replayed: true`. Nothing new is queued.",
+            "request created, with the header `Idempotent-Replayed: true`. Nothing new is "
+            'queued. With `"dry_run": true`: the plan, as POST /jobs/plan answers it.',
+        },
+        400: {
+            "model": ErrorBody,
+            "description": "Bad input; `job_does_not_fit`: the job's estimated peak memory does "
+            "not fit its device (the message and `detail.suggestion` say what to change).",
         },
         409: {"description": "The Idempotency-Key was used for a different request."},
     },
@@ -59,9 +67,14 @@ def create_job(
     owner: CurrentOwner,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
-) -> JobView:
+) -> JobView | JSONResponse:
     """Queue a LoRA fine-tuning job (201). Send an `Idempotency-Key` header to make retries
-    safe: the same key with the same body returns the existing job instead of a second one."""
+    safe: the same key with the same body returns the existing job instead of a second one.
+    With `"dry_run": true`, answer the job's plan instead (200; nothing is stored or queued)."""
+    if request.dry_run:
+        found = plan.plan_job(owner=owner, request=request, settings=settings)
+        return JSONResponse(found.model_dump(mode="json"))
+    plan.check_fits(owner=owner, request=request, settings=settings)
     submission = service.create_job(
         session, owner=owner, request=request, settings=settings, idempotency_key=idempotency_key
     )
@@ -70,6 +83,16 @@ def create_job(
         response.headers["Idempotent-Replayed"] = "true"
         return service.views(session, [submission.job])[0]
     return service.to_view(submission.job, None)
+
+
+@router.post("/plan", response_model=JobPlan, summary="Plan a job without running it")
+def plan_job(request: CreateJobRequest, owner: CurrentOwner, settings: SettingsDep) -> JobPlan:
+    """What the job this body describes would do, computed now from its dataset: rows and
+    tokens, rows too long for max_seq_length (by line), the "auto" hyperparameters resolved,
+    the steps, the estimated time and peak memory on its target device (and what to change when
+    it does not fit), and the loss mask of the first 3 examples. Nothing is stored or queued;
+    `dry_run` is ignored here."""
+    return plan.plan_job(owner=owner, request=request, settings=settings)
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")

@@ -1,4 +1,4 @@
-"""SQL tables of a job, its event log and its metric points."""
+"""SQL tables of a job, its event log and its metric points, and measured training speed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, UTCDateTime, utcnow
@@ -46,6 +56,9 @@ class Job(Base):
     validation_url: Mapped[str | None] = mapped_column(Text)
     suffix: Mapped[str | None] = mapped_column(String(64))
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # Names of the hyperparameters asked as "auto": "auto" in `hyperparameters` until the worker
+    # resolves them from the dataset, numbers after. Null on jobs from before "auto" existed.
+    auto_hyperparameters: Mapped[list[str] | None] = mapped_column(JSON)
     lora: Mapped[dict[str, Any]] = mapped_column(JSON)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     dataset: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -119,3 +132,23 @@ class JobMetric(Base):
     lr: Mapped[float | None] = mapped_column(Float)
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Throughput(Base):
+    """Training speed a worker measured on a job that succeeded: what plans estimate time from,
+    per accelerator class and base model."""
+
+    __tablename__ = "throughput"
+    __table_args__ = (Index("ix_throughput_accelerator_base_model", "accelerator", "base_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    accelerator: Mapped[str] = mapped_column(String(20))  # rocm, cuda or cpu
+    device_name: Mapped[str] = mapped_column(String(200))
+    processes: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(200))
+    trained_tokens: Mapped[int] = mapped_column(Integer)
+    tokens_per_second: Mapped[float] = mapped_column(Float)
+    # From the claim to success: model loading, validation, training and saving.
+    job_seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
 from app.errors import InvalidRequest, NotFound
-from app.jobs.models import TERMINAL_STATUSES, Job, JobCheckpoint, JobMetric, JobStatus
+from app.jobs.models import (
+    TERMINAL_STATUSES,
+    Job,
+    JobCheckpoint,
+    JobMetric,
+    JobStatus,
+    Throughput,
+)
 
 
 def get_job(session: Session, *, owner: str, job_id: str) -> Job:
@@ -77,5 +86,32 @@ def list_checkpoints(session: Session, job_id: str) -> list[JobCheckpoint]:
         select(JobCheckpoint)
         .where(JobCheckpoint.job_id == job_id)
         .order_by(JobCheckpoint.step.desc())
+    )
+    return list(session.scalars(query))
+
+
+def latest_device(
+    session: Session, *, queue: str | None = None, accelerator: str | None = None
+) -> dict[str, Any] | None:
+    """The device facts a worker recorded on the newest job of the queue or accelerator class."""
+    kind = Job.device["kind"].as_string()
+    query = select(Job.device).where(kind.is_not(None))
+    if queue is not None:
+        query = query.where(Job.queue == queue)
+    if accelerator is not None:
+        query = query.where(kind == accelerator)
+    device = session.scalar(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(1))
+    return device if isinstance(device, dict) else None
+
+
+def recent_throughput(
+    session: Session, *, accelerator: str, base_model: str, limit: int
+) -> list[Throughput]:
+    """The newest speed measurements of jobs on this accelerator class and base model."""
+    query = (
+        select(Throughput)
+        .where(Throughput.accelerator == accelerator, Throughput.base_model == base_model)
+        .order_by(Throughput.created_at.desc(), Throughput.id.desc())
+        .limit(limit)
     )
     return list(session.scalars(query))

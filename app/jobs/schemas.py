@@ -5,10 +5,20 @@ from __future__ import annotations
 import enum
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictInt, field_validator
+from pydantic import (
+    Field,
+    StrictInt,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
+from app.jobs.auto import AUTO
 from app.jobs.models import JobStatus
 from app.schemas import RequestModel, ResponseModel
 
@@ -29,10 +39,48 @@ class AcceleratorClass(enum.StrEnum):
     CPU = "cpu"
 
 
+def auto_or(number: Any) -> WrapValidator:
+    """Accept "auto" or a value of `number` (an annotated type with its bounds); errors name the
+    field alone, not a branch of a union."""
+    adapter: TypeAdapter[Any] = TypeAdapter(number)
+
+    def validate(value: Any, _handler: ValidatorFunctionWrapHandler) -> Any:
+        if value == AUTO:
+            return AUTO
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise PydanticCustomError(
+                error["type"], error["msg"] + ' (or "auto")', error.get("ctx")
+            ) from None
+
+    return WrapValidator(validate, json_schema_input_type=Literal["auto"] | number)
+
+
+AutoEpochs = Annotated[
+    StrictInt | Literal["auto"], auto_or(Annotated[StrictInt, Field(ge=1, le=100)])
+]
+AutoLearningRate = Annotated[float | Literal["auto"], auto_or(Annotated[float, Field(gt=0, le=1)])]
+AutoBatchSize = Annotated[
+    StrictInt | Literal["auto"], auto_or(Annotated[StrictInt, Field(ge=1, le=1024)])
+]
+
+
 class Hyperparameters(RequestModel):
-    n_epochs: StrictInt = Field(3, ge=1, le=100, description="Passes over the training set.")
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
-    batch_size: StrictInt = Field(8, ge=1, le=1024, description="Examples per device step.")
+    n_epochs: AutoEpochs = Field(
+        AUTO,
+        description='Passes over the training set; "auto" (default): from the dataset size.',
+    )
+    learning_rate: AutoLearningRate = Field(
+        AUTO,
+        description='Peak learning rate (AdamW); "auto" (default): from the batch and model.',
+    )
+    batch_size: AutoBatchSize = Field(
+        AUTO,
+        description='Examples per device step; "auto" (default): from the dataset size and the '
+        "device's memory.",
+    )
     gradient_accumulation_steps: StrictInt = Field(
         1, ge=1, le=1024, description="Steps accumulated per optimizer update."
     )
@@ -108,6 +156,11 @@ class CreateJobRequest(RequestModel):
         description="Run only on workers of this class (queue training-<class>); any worker "
         "when omitted.",
     )
+    dry_run: bool = Field(
+        False,
+        description="Answer 200 with the job's plan (as POST /jobs/plan) instead of creating "
+        "it: nothing is stored or queued.",
+    )
 
     @field_validator("suffix")
     @classmethod
@@ -162,7 +215,13 @@ class JobView(ResponseModel):
     dataset_url: str
     validation_url: str | None
     suffix: str | None
-    hyperparameters: dict[str, Any]
+    hyperparameters: dict[str, Any] = Field(
+        description='Every hyperparameter; those asked as "auto" read "auto" until the worker '
+        "has validated the dataset, then the numbers it chose."
+    )
+    auto_hyperparameters: list[str] = Field(
+        default_factory=list, description='The hyperparameters that were asked as "auto".'
+    )
     lora: dict[str, Any]
     progress: Progress | None
     dataset: dict[str, Any] | None = Field(
@@ -232,3 +291,117 @@ class CheckpointView(ResponseModel):
 class CheckpointList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[CheckpointView]
+
+
+# --- the pre-flight plan (POST /jobs/plan, POST /jobs with dry_run) ---------------------------
+
+
+class TooLongRow(ResponseModel):
+    line: int
+    tokens: int
+
+
+class PlanDataset(ResponseModel):
+    rows: int
+    format: str
+    tokens: int = Field(description="Every row's tokens after the chat template, EOS included.")
+    max_row_tokens: int
+    mean_row_tokens: float
+    p99_row_tokens: int = Field(description="99th percentile of row lengths in tokens.")
+    too_long_count: int = Field(description="Rows longer than max_seq_length (they fail the job).")
+    too_long: list[TooLongRow] = Field(description="The first 50 of them, with their lines.")
+    sha256: str
+    bytes: int
+    filename: str
+    validation: dict[str, Any] | None = None
+
+
+class PlanProblem(ResponseModel):
+    code: str
+    message: str
+    detail: Any = None
+
+
+class PlanDevice(ResponseModel):
+    accelerator: str = Field(description="rocm, cuda or cpu: the class of worker the job targets.")
+    name: str | None
+    count: int | None = Field(None, description="Devices of that worker.")
+    memory_bytes: int | None = Field(
+        description="GPU memory of one device, or RAM for CPU workers; null when unknown."
+    )
+    source: str = Field(
+        description='"setting" (TUNESERVE_DEVICE_MEMORY_BYTES), "recorded" (by a worker of the '
+        'class on an earlier job), "this machine" (the api\'s), or "unknown".'
+    )
+
+
+class PlanTime(ResponseModel):
+    estimated_seconds: float | None = Field(
+        description="tokens x n_epochs / tokens_per_second + overhead_seconds; null without a "
+        "measurement."
+    )
+    reason: str | None = Field(None, description="Why there is no estimate.")
+    tokens_per_second: float | None = None
+    overhead_seconds: float | None = None
+    measured_jobs: int = Field(
+        0, description="Jobs the medians come from (the latest 5 that succeeded on this class)."
+    )
+
+
+class MemoryParts(ResponseModel):
+    weights: int
+    lora_and_optimizer: int
+    activations: int
+    logits: int
+    runtime: int
+
+
+class PlanSuggestion(ResponseModel):
+    message: str
+    hyperparameters: dict[str, Any] | None = Field(
+        description="The changes to make; null when no change of hyperparameters fits."
+    )
+
+
+class PlanMemory(ResponseModel):
+    estimated_bytes: int
+    parts: MemoryParts
+    batch: int = Field(description="Rows per batch the estimate assumes.")
+    seq: int = Field(description="Tokens per row the estimate assumes (the longest row).")
+    device: PlanDevice
+    usable_bytes: int | None = Field(description="90% of the device's memory.")
+    fits: bool | None = Field(description="null when the device's memory is unknown.")
+    suggestion: PlanSuggestion | None = None
+
+
+class MaskSegment(ResponseModel):
+    text: str
+    trained: bool = Field(description="The loss is computed on these tokens.")
+    tokens: int
+
+
+class LossMaskPreview(ResponseModel):
+    line: int
+    tokens: int
+    trained_tokens: int
+    segments: list[MaskSegment] = Field(
+        description="The example as rendered for training, in order: texts concatenate to it."
+    )
+
+
+class JobPlan(ResponseModel):
+    object: Literal["job.plan"] = "job.plan"
+    base_model: str
+    queue: str
+    dataset: PlanDataset
+    hyperparameters: dict[str, Any] = Field(description='As the job will train ("auto" resolved).')
+    auto_hyperparameters: list[str]
+    steps: int = Field(description="Optimizer steps the job will take.")
+    time: PlanTime
+    memory: PlanMemory
+    loss_mask_preview: list[LossMaskPreview] = Field(
+        description="The first 3 examples, with the tokens trained and masked."
+    )
+    problems: list[PlanProblem] = Field(
+        description="What would fail the job as it stands (e.g. rows_too_long)."
+    )

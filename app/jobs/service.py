@@ -21,6 +21,7 @@ from app.files.repository import get_file
 from app.idempotency import check_idempotency_key, ensure_same_request, request_hash
 from app.ids import new_id
 from app.jobs import repository
+from app.jobs.auto import auto_fields
 from app.jobs.events import append_event, list_events
 from app.jobs.models import TERMINAL_STATUSES, Job, JobStatus
 from app.jobs.schemas import (
@@ -41,7 +42,7 @@ class InvalidDatasetUrl(InvalidRequest):
     code = "invalid_dataset_url"
 
 
-def _check_dataset_url(
+def check_dataset_url(
     session: Session, *, owner: str, url: str, field: str, settings: Settings
 ) -> None:
     try:
@@ -82,9 +83,11 @@ class JobSubmission(NamedTuple):
 
 
 def job_request_hash(request: CreateJobRequest) -> str:
-    """The request as validated (defaults filled in), so `{}` and omitted fields hash alike."""
+    """The request as validated (defaults filled in), so `{}` and omitted fields hash alike
+    (an omitted n_epochs and `"n_epochs": "auto"` too)."""
     # None fields left out: a new optional field does not change the hash of older requests.
-    return request_hash(request.model_dump(mode="json", exclude_none=True))
+    # dry_run is not part of the job (a dry run creates none).
+    return request_hash(request.model_dump(mode="json", exclude_none=True, exclude={"dry_run"}))
 
 
 def _replay(job: Job, *, key: str, request_hash: str) -> JobSubmission:
@@ -119,17 +122,18 @@ def create_job(
             return _replay(earlier, key=key, request_hash=digest)
     _check_jobs_in_flight(session, owner=owner, limit=settings.max_jobs_in_flight)
     base_model = get_base_model(settings, request.base_model)
-    _check_dataset_url(
+    check_dataset_url(
         session, owner=owner, url=request.dataset_url, field="dataset_url", settings=settings
     )
     if request.validation_url is not None:
-        _check_dataset_url(
+        check_dataset_url(
             session,
             owner=owner,
             url=request.validation_url,
             field="validation_url",
             settings=settings,
         )
+    hyperparameters = request.hyperparameters.model_dump(mode="json")
     job = Job(
         id=new_id("ftjob"),
         owner=owner,
@@ -138,7 +142,8 @@ def create_job(
         dataset_url=request.dataset_url,
         validation_url=request.validation_url,
         suffix=request.suffix,
-        hyperparameters=request.hyperparameters.model_dump(mode="json"),
+        hyperparameters=hyperparameters,
+        auto_hyperparameters=auto_fields(hyperparameters),
         lora=request.lora.model_dump(mode="json"),
         metadata_=request.metadata,
         idempotency_key=key,
@@ -206,6 +211,7 @@ def to_view(job: Job, adapter: Adapter | None) -> JobView:
         validation_url=job.validation_url,
         suffix=job.suffix,
         hyperparameters=job.hyperparameters,
+        auto_hyperparameters=job.auto_hyperparameters or [],
         lora=job.lora,
         progress=Progress.model_validate(job.progress) if job.progress else None,
         dataset=job.dataset,

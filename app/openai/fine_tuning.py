@@ -1,8 +1,8 @@
 """/v1/fine_tuning/jobs: OpenAI's fine-tuning API over app/jobs.
 
 Jobs are created, read and cancelled by app/jobs/service.py; this module only maps shapes:
-OpenAI's hyperparameters (numbers or "auto") onto the native ones, and native jobs, events and
-checkpoints onto OpenAI's objects.
+OpenAI's hyperparameters (numbers, or "auto" which stays native "auto" until the worker resolves
+it) onto the native ones, and native jobs, events and checkpoints onto OpenAI's objects.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from pydantic import BaseModel, Field, ValidationError
 
 from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.errors import InvalidRequest, NotFound, TuneserveError
-from app.jobs import repository, service
+from app.jobs import auto, plan, repository, service
 from app.jobs.events import list_events_newest_first
 from app.jobs.models import Job, JobCheckpoint, JobEvent, JobStatus
-from app.jobs.schemas import CreateJobRequest, Hyperparameters
+from app.jobs.schemas import CreateJobRequest
 from app.openai.common import OpenAIRequest, Page, epoch, page, unsupported
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"])
 
-# learning_rate_multiplier 1 is tuneserve's default learning rate.
-BASE_LEARNING_RATE: float = Hyperparameters.model_fields["learning_rate"].default
+# learning_rate_multiplier 1 is tuneserve's base learning rate (that of "auto" at batch 8).
+BASE_LEARNING_RATE: float = auto.BASE_LEARNING_RATE
 STATUSES = {JobStatus.VALIDATING: "validating_files"}
 EVENT_ID = re.compile(r"^ftevent-(?P<job>[0-9a-f]+)-(?P<seq>[0-9]{1,9})$")
 CHECKPOINT_ID = re.compile(r"^ftckpt-[0-9a-f]+$")
@@ -134,7 +134,7 @@ def _hyperparameters(body: CreateFineTuningJob) -> OpenAIHyperparameters:
 
 
 def native_request(body: CreateFineTuningJob) -> CreateJobRequest:
-    """The native job request an OpenAI one stands for ("auto" = tuneserve's default)."""
+    """The native job request an OpenAI one stands for ("auto" or omitted = native "auto")."""
     if body.integrations:
         raise unsupported("integrations", "integrations (e.g. wandb) are not supported.")
     chosen = _hyperparameters(body)
@@ -195,10 +195,11 @@ def _in_openai_terms(exc: TuneserveError) -> TuneserveError:
 
 
 def fine_tuning_job(job: Job) -> FineTuningJob:
-    hyperparameters = {
+    rate = job.hyperparameters["learning_rate"]
+    hyperparameters = {  # "auto" until the worker resolves them, as at OpenAI
         "n_epochs": job.hyperparameters["n_epochs"],
         "batch_size": job.hyperparameters["batch_size"],
-        "learning_rate_multiplier": job.hyperparameters["learning_rate"] / BASE_LEARNING_RATE,
+        "learning_rate_multiplier": rate if rate == auto.AUTO else rate / BASE_LEARNING_RATE,
     }
     progress = job.progress or {}
     eta = progress.get("eta_seconds")
@@ -264,9 +265,9 @@ def create_job(
     body: CreateFineTuningJob, session: SessionDep, owner: CurrentOwner, settings: SettingsDep
 ) -> FineTuningJob:
     try:
-        submission = service.create_job(
-            session, owner=owner, request=native_request(body), settings=settings
-        )
+        request = native_request(body)
+        plan.check_fits(owner=owner, request=request, settings=settings)
+        submission = service.create_job(session, owner=owner, request=request, settings=settings)
     except TuneserveError as exc:
         raise _in_openai_terms(exc) from None
     return fine_tuning_job(submission.job)

@@ -86,7 +86,8 @@ def test_retry_with_the_same_key_returns_the_same_job(service: Service, tiny_mod
     job_id = first.json()["id"]
 
     # The same request with its defaults spelled out is the same request.
-    again = post_job(service, {**body, "hyperparameters": {"n_epochs": 3}}, key)
+    spelled = {"n_epochs": "auto", "warmup_ratio": 0.03}
+    again = post_job(service, {**body, "hyperparameters": spelled}, key)
     assert again.status_code == 200, again.text
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.json() == first.json()

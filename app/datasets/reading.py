@@ -1,0 +1,145 @@
+"""A job's dataset as the worker validates it: brought here, parsed, counted in tokens after the
+chat template, and checked against max_seq_length. The worker's `validating` stage
+(worker/datasets.py) and job plans (app/jobs/plan.py) both read datasets through these functions,
+so a plan sees exactly what the job will.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from app.datasets.fetch import FetchedDataset, FetchError, fetch_dataset
+from app.datasets.formats import DatasetError, DatasetFormat, ParsedDataset, parse_dataset
+from app.db import unit_of_work
+from app.errors import NotFound
+from app.files.repository import get_file
+from app.settings import Settings
+from app.storage import artifact_store
+
+MAX_LISTED_ROWS = 10
+
+
+class DatasetFailure(Exception):
+    """A reason the dataset cannot be trained on that the user can act on (not found, invalid,
+    rows too long…): fails a job, or answers a plan with a 400."""
+
+    def __init__(self, code: str, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.detail = detail
+
+
+def bring_here(
+    owner: str, url: str, settings: Settings, dest: Path, field_name: str
+) -> FetchedDataset:
+    """An uploaded file from the artifact store (read in place when it is local), or a URL
+    through the guarded fetch with the dataset limits."""
+    if url.startswith("file-"):
+        try:
+            with unit_of_work() as session:
+                file = get_file(session, owner=owner, file_id=url)
+        except NotFound as exc:
+            raise DatasetFailure("dataset_not_found", f"{field_name}: {exc.message}") from exc
+        store = artifact_store(settings)
+        path = store.local_path(file.path)
+        if path is None:
+            path = dest
+            store.get_file(file.path, path)
+        return FetchedDataset(
+            path=path, filename=file.filename, bytes=file.bytes, sha256=file.sha256, etag=None
+        )
+    try:
+        return fetch_dataset(
+            url,
+            dest,
+            allowed_file_dirs=settings.allowed_file_dirs,
+            max_bytes=settings.max_dataset_bytes,
+            timeout_seconds=settings.fetch_timeout_seconds,
+            max_seconds=settings.fetch_max_seconds,
+            allow_private_networks=settings.allow_private_networks,
+        )
+    except FetchError as exc:
+        raise DatasetFailure(exc.code, f"{field_name}: {exc.message}") from exc
+
+
+def parse(fetched: FetchedDataset, field_name: str, settings: Settings) -> ParsedDataset:
+    try:
+        return parse_dataset(
+            fetched.path,
+            filename=fetched.filename,
+            max_bytes=settings.max_dataset_bytes,
+            max_rows=settings.max_dataset_rows,
+        )
+    except DatasetError as exc:
+        detail = {
+            "field": field_name,
+            "file": fetched.filename,
+            "error_count": exc.error_count,
+            "errors": [
+                {"line": error.line, "field": error.field, "message": error.message}
+                for error in exc.errors
+            ],
+        }
+        raise DatasetFailure(exc.code, f"{field_name} ({fetched.filename}): {exc}", detail) from exc
+
+
+def token_counts(parsed: ParsedDataset, tokenizer: Any) -> list[int]:
+    """Tokens of each row as training sees it (chat template applied, EOS counted)."""
+    counts = []
+    for record in parsed.records:
+        if parsed.format is DatasetFormat.PROMPT_COMPLETION:
+            ids = tokenizer(record["prompt"] + record["completion"])["input_ids"]
+            counts.append(len(ids) + 1)  # + eos
+        elif parsed.format is DatasetFormat.TEXT:
+            counts.append(len(tokenizer(record["text"])["input_ids"]) + 1)
+        else:
+            rendered = tokenizer.apply_chat_template(record["messages"], tokenize=True)
+            ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+            counts.append(len(ids))
+    return counts
+
+
+def rows_too_long(
+    parsed: ParsedDataset, counts: list[int], max_seq_length: int
+) -> list[tuple[int, int]]:
+    """(line, tokens) of every row longer than max_seq_length."""
+    return [
+        (line, count)
+        for line, count in zip(parsed.lines, counts, strict=True)
+        if count > max_seq_length
+    ]
+
+
+def too_long_failure(
+    too_long: list[tuple[int, int]], max_seq_length: int, filename: str, field_name: str
+) -> DatasetFailure:
+    listed = ", ".join(
+        f"line {line} ({count} tokens)" for line, count in too_long[:MAX_LISTED_ROWS]
+    )
+    longest = max(count for _, count in too_long)
+    return DatasetFailure(
+        "rows_too_long",
+        f"{field_name} ({filename}): {len(too_long)} row(s) are longer than "
+        f"max_seq_length={max_seq_length} tokens after the chat template: {listed}. Raise "
+        f"hyperparameters.max_seq_length to at least {longest}, or shorten or remove those rows.",
+        {
+            "field": field_name,
+            "max_seq_length": max_seq_length,
+            "rows": [{"line": line, "tokens": count} for line, count in too_long[:50]],
+            "count": len(too_long),
+        },
+    )
+
+
+def check_lengths(
+    parsed: ParsedDataset,
+    counts: list[int],
+    max_seq_length: int,
+    fetched: FetchedDataset,
+    field_name: str,
+) -> None:
+    too_long = rows_too_long(parsed, counts, max_seq_length)
+    if too_long:
+        raise too_long_failure(too_long, max_seq_length, fetched.filename, field_name)

@@ -1,0 +1,226 @@
+"""How much memory a LoRA job needs at its peak, whether that fits its device, and what to change
+when it does not.
+
+Peak memory (bytes) = weights + LoRA and optimizer + activations + LM head (`logits`) + runtime:
+
+| part                | formula                                                          |
+| ------------------- | ---------------------------------------------------------------- |
+| weights             | params x 4 (base weights load in fp32); x 2 on CPU workers       |
+| LoRA and optimizer  | LoRA params x 4 bytes x 4 (weights, gradients, Adam m and v)     |
+| activations         | batch x seq x hidden x layers x 16 x 4                            |
+| LM head             | min(batch x seq, 4096) x min(vocab, 32768) x 4 x tiles:           |
+|                     | 8 tiles on CPU workers, 3 on GPUs                                |
+| runtime             | 1 GiB (PyTorch, the process, kernels, allocator slack)           |
+
+`batch` is min(batch_size, rows); `seq` is min(max_seq_length, the longest row in tokens): a
+batch is padded to its longest row, and the longest row lands in some batch.
+
+The constants are measured (peak RSS of a fresh process training one batch on the CPU; README.md,
+"The memory estimate", has the numbers): 16 fp32 values of `hidden` per token and layer are
+what SmolLM2-135M kept for the backward pass (LoRA on every linear layer, SDPA
+attention, no gradient checkpointing). The logits are never whole: TRL's fused LM head (which
+worker/training.py trains through) projects 4096 tokens x 32768 vocabulary entries at a time in
+fp32; on the CPU its torch fallback keeps about 8 such tiles alive (measured: 1.07 MB a token on
+a 49 152-word vocabulary, flat past 4096 tokens), on GPUs its Triton kernel folds a tile in
+place (3 assumed, not measured here). On CPU workers the part of the peak that does not grow
+with tokens held about twice the fp32 weights (most likely the checkpoint, still mapped), hence x 2.
+GPU estimates are the same formula without those CPU measurements: treat them as the order of
+magnitude.
+
+A job fits when the estimate is at most 90% of the device's memory (GPU memory of one device, or
+the machine's RAM for CPU workers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from app.base_models.facts import ModelFacts
+
+FP32 = 4
+ACTIVATION_VALUES_PER_HIDDEN = 16
+LM_HEAD_TOKEN_TILE = 4096
+LM_HEAD_VOCAB_TILE = 32768
+LM_HEAD_TILES = {"cpu": 8}  # rocm, cuda: LM_HEAD_TILES_GPU
+LM_HEAD_TILES_GPU = 3
+WEIGHT_COPIES = {"cpu": 2}  # rocm, cuda: 1
+OPTIMIZER_COPIES = 4
+RUNTIME_BYTES = 1 << 30
+USABLE_SHARE = 0.9
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights: int
+    lora_and_optimizer: int
+    activations: int
+    logits: int
+    runtime: int
+    batch: int
+    seq: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights + self.lora_and_optimizer + self.activations + self.logits + self.runtime
+        )
+
+
+def estimate_memory(
+    facts: ModelFacts,
+    *,
+    batch: int,
+    seq: int,
+    lora_r: int,
+    target_modules: str | list[str],
+    accelerator: str = "cpu",
+) -> MemoryEstimate:
+    """The peak of a job on one device of the accelerator class (rocm, cuda or cpu)."""
+    tokens = batch * seq
+    return MemoryEstimate(
+        weights=facts.params * FP32 * WEIGHT_COPIES.get(accelerator, 1),
+        lora_and_optimizer=facts.lora_params(lora_r, target_modules) * FP32 * OPTIMIZER_COPIES,
+        activations=tokens * facts.hidden_size * facts.layers * ACTIVATION_VALUES_PER_HIDDEN * FP32,
+        logits=min(tokens, LM_HEAD_TOKEN_TILE)
+        * min(facts.vocab_size, LM_HEAD_VOCAB_TILE)
+        * FP32
+        * LM_HEAD_TILES.get(accelerator, LM_HEAD_TILES_GPU),
+        runtime=RUNTIME_BYTES,
+        batch=batch,
+        seq=seq,
+    )
+
+
+def usable(device_bytes: int) -> int:
+    return int(device_bytes * USABLE_SHARE)
+
+
+def fits(estimate: MemoryEstimate, device_bytes: int) -> bool:
+    return estimate.total <= usable(device_bytes)
+
+
+def batch_fits(
+    facts: ModelFacts,
+    lora: dict[str, Any],
+    *,
+    rows: int,
+    seq: int,
+    device_bytes: int | None,
+    accelerator: str = "cpu",
+) -> Callable[[int], bool]:
+    """Whether a batch_size fits the device (always, when its memory is unknown)."""
+
+    def check(batch_size: int) -> bool:
+        if device_bytes is None:
+            return True
+        estimate = estimate_memory(
+            facts,
+            batch=min(batch_size, rows),
+            seq=seq,
+            lora_r=int(lora["r"]),
+            target_modules=lora["target_modules"],
+            accelerator=accelerator,
+        )
+        return fits(estimate, device_bytes)
+
+    return check
+
+
+def _dividing(effective: int, largest: int) -> int:
+    """The largest batch <= `largest` that divides the effective batch exactly, when one is at
+    least half of `largest`; else `largest` (the accumulation then rounds up)."""
+    for batch in range(largest, max(1, largest // 2) - 1, -1):
+        if effective % batch == 0:
+            return batch
+    return largest
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    message: str
+    hyperparameters: dict[str, Any] | None  # the changes to make, None when none would do
+
+
+def suggest(
+    facts: ModelFacts,
+    device_bytes: int,
+    *,
+    hyperparameters: dict[str, Any],
+    lora: dict[str, Any],
+    seq: int,
+    p99_row_tokens: int,
+    rows_over_p99: int,
+    accelerator: str = "cpu",
+) -> Suggestion:
+    """A change that fits, for a job that does not: a smaller batch with more accumulation (the
+    same effective batch), else also a max_seq_length at the 99th percentile of row lengths."""
+    batch = int(hyperparameters["batch_size"])
+    effective = batch * int(hyperparameters["gradient_accumulation_steps"])
+
+    def fitting(at_seq: int, largest: int) -> int | None:
+        for smaller in range(largest, 0, -1):
+            estimate = estimate_memory(
+                facts,
+                batch=smaller,
+                seq=at_seq,
+                lora_r=int(lora["r"]),
+                target_modules=lora["target_modules"],
+                accelerator=accelerator,
+            )
+            if fits(estimate, device_bytes):
+                return smaller
+        return None
+
+    smaller = fitting(seq, batch - 1)
+    if smaller is not None:
+        smaller = _dividing(effective, smaller)
+        accumulation = math.ceil(effective / smaller)
+        rows = smaller * accumulation
+        same = "the same" if rows == effective else f"{rows} rows, about the"
+        return Suggestion(
+            f"Lower hyperparameters.batch_size to {smaller} and raise "
+            f"gradient_accumulation_steps to {accumulation} ({same} {effective} rows per "
+            "optimizer step).",
+            {"batch_size": smaller, "gradient_accumulation_steps": accumulation},
+        )
+    if p99_row_tokens < seq:
+        one = estimate_memory(
+            facts,
+            batch=1,
+            seq=p99_row_tokens,
+            lora_r=int(lora["r"]),
+            target_modules=lora["target_modules"],
+            accelerator=accelerator,
+        )
+        if fits(one, device_bytes):
+            chosen = fitting(p99_row_tokens, batch) or 1
+            changes: dict[str, Any] = {
+                "batch_size": chosen,
+                "gradient_accumulation_steps": math.ceil(effective / chosen),
+                "max_seq_length": max(16, p99_row_tokens),
+            }
+            return Suggestion(
+                f"Lower hyperparameters.max_seq_length to {changes['max_seq_length']} (the 99th "
+                f"percentile of row lengths; shorten or remove the {rows_over_p99} longer rows), "
+                f"batch_size to {chosen} and set gradient_accumulation_steps to "
+                f"{changes['gradient_accumulation_steps']}.",
+                changes,
+            )
+    one = estimate_memory(
+        facts,
+        batch=1,
+        seq=seq,
+        lora_r=int(lora["r"]),
+        target_modules=lora["target_modules"],
+        accelerator=accelerator,
+    )
+    return Suggestion(
+        f"Even one row of {seq} tokens needs about {one.total / GIB:.1f} GiB, more than the "
+        f"{usable(device_bytes) / GIB:.1f} GiB usable on this device: use a device with more "
+        "memory (`accelerator`), a smaller base model, or shorter rows.",
+        None,
+    )
