@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import multiprocessing
 import os
 import platform
 import signal
@@ -25,14 +24,14 @@ import tarfile
 import tempfile
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
+from children import in_child
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_MODEL = "smollm2-135m-instruct"
@@ -69,37 +68,6 @@ def p50_p95(values: list[float]) -> tuple[float, float]:
 
 
 # --- child processes (spawned: clean memory, no torch in the benchmark process) -------------
-
-
-def _child(send: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    try:
-        send.send(("ok", fn(*args)))
-    except BaseException:
-        send.send(("error", traceback.format_exc()))
-
-
-def in_child(fn: Callable[..., Any], *args: Any) -> Any:
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, args))
-    proc.start()
-    send.close()
-    try:
-        status, value = recv.recv()
-    except EOFError as exc:
-        proc.join(10)
-        raise RuntimeError(f"{fn.__name__} died (exit code {proc.exitcode})") from exc
-    except BaseException:  # Ctrl-C, SIGTERM: stop the child now
-        proc.terminate()
-        raise
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if status == "error":
-        raise RuntimeError(f"{fn.__name__} failed:\n{value}")
-    return value
 
 
 def make_adapters(cache: str, out: str, count: int) -> tuple[str, list[str]]:

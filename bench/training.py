@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import multiprocessing
 import os
 import platform
 import random
@@ -24,14 +23,14 @@ import sys
 import tarfile
 import tempfile
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+from children import in_child
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -133,37 +132,6 @@ def datasets(rows: int, eval_rows: int) -> tuple[list[dict[str, Any]], list[dict
 
 
 # --- child processes (spawned: clean memory, no torch in the benchmark process) -------------
-
-
-def _child(send: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    try:
-        send.send(("ok", fn(*args)))
-    except BaseException:
-        send.send(("error", traceback.format_exc()))
-
-
-def in_child(fn: Callable[..., Any], *args: Any) -> Any:
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, args))
-    proc.start()
-    send.close()
-    try:
-        status, value = recv.recv()
-    except EOFError as exc:
-        proc.join(10)
-        raise RuntimeError(f"{fn.__name__} died (exit code {proc.exitcode})") from exc
-    except BaseException:  # Ctrl-C, SIGTERM: stop the child now
-        proc.terminate()
-        raise
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    if status == "error":
-        raise RuntimeError(f"{fn.__name__} failed:\n{value}")
-    return value
 
 
 def assistant_targets(

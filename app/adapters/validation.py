@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from app.adapters.unpacking import CONFIG, WEIGHTS, refusal
-from app.base_models.loading import BaseModelUnavailable, hub_kwargs, model_location
+from app.base_models.facts import model_facts
 from app.base_models.registry import BaseModel
 from app.settings import Settings
 
@@ -178,33 +177,9 @@ def _check_module(
 
 
 def linear_shapes(settings: Settings, model: BaseModel) -> dict[str, tuple[int, int]]:
-    """Every linear layer of the base model: module path -> (in_features, out_features)."""
-    location = model_location(settings, model)
-    kwargs = hub_kwargs(settings, model)
-    return _linear_shapes(location, kwargs.get("revision"), kwargs.get("cache_dir"))
-
-
-@lru_cache(maxsize=8)
-def _linear_shapes(
-    location: str, revision: str | None, cache_dir: str | None
-) -> dict[str, tuple[int, int]]:
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    hub = {"revision": revision, "cache_dir": cache_dir} if cache_dir else {}
-    try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=False, **hub)
-        # The meta device is per thread; dtype=None leaves torch's global default dtype alone.
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-                config, dtype=None, trust_remote_code=False
-            )
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise BaseModelUnavailable(
-            f"Cannot read the architecture of the base model at {location} ({exc})."
-        ) from exc
+    """Every linear layer of the base model but its LM head (what LoRA adapts): module path ->
+    (in_features, out_features)."""
     return {
-        name: (module.in_features, module.out_features)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
+        name: (in_features, out_features)
+        for name, in_features, out_features in model_facts(settings, model).linear_layers
     }

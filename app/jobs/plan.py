@@ -63,7 +63,7 @@ from app.jobs.schemas import (
     PlanTime,
     TooLongRow,
 )
-from app.jobs.service import check_dataset_url, queue_for
+from app.jobs.service import check_dataset_urls, queue_for
 from app.settings import Settings
 from worker.training import total_steps
 
@@ -289,17 +289,7 @@ def plan_job(
     """The plan of the job `request` would create (blocking: call it from a worker thread)."""
     base_model = get_base_model(settings, request.base_model)
     with unit_of_work() as session:
-        check_dataset_url(
-            session, owner=owner, url=request.dataset_url, field="dataset_url", settings=settings
-        )
-        if request.validation_url is not None:
-            check_dataset_url(
-                session,
-                owner=owner,
-                url=request.validation_url,
-                field="validation_url",
-                settings=settings,
-            )
+        check_dataset_urls(session, owner=owner, request=request, settings=settings)
     queue = queue_for(request.accelerator, settings)
     device = target_device(settings, request, queue)
     facts = model_facts(settings, base_model)

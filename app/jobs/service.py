@@ -62,6 +62,23 @@ def check_dataset_url(
             ) from exc
 
 
+def check_dataset_urls(
+    session: Session, *, owner: str, request: CreateJobRequest, settings: Settings
+) -> None:
+    """The dataset and validation URLs of a job request, as check_dataset_url checks one."""
+    check_dataset_url(
+        session, owner=owner, url=request.dataset_url, field="dataset_url", settings=settings
+    )
+    if request.validation_url is not None:
+        check_dataset_url(
+            session,
+            owner=owner,
+            url=request.validation_url,
+            field="validation_url",
+            settings=settings,
+        )
+
+
 def _check_jobs_in_flight(session: Session, *, owner: str, limit: int) -> None:
     in_flight = repository.count_in_flight(session, owner=owner)
     if in_flight >= limit:
@@ -122,17 +139,7 @@ def create_job(
             return _replay(earlier, key=key, request_hash=digest)
     _check_jobs_in_flight(session, owner=owner, limit=settings.max_jobs_in_flight)
     base_model = get_base_model(settings, request.base_model)
-    check_dataset_url(
-        session, owner=owner, url=request.dataset_url, field="dataset_url", settings=settings
-    )
-    if request.validation_url is not None:
-        check_dataset_url(
-            session,
-            owner=owner,
-            url=request.validation_url,
-            field="validation_url",
-            settings=settings,
-        )
+    check_dataset_urls(session, owner=owner, request=request, settings=settings)
     hyperparameters = request.hyperparameters.model_dump(mode="json")
     job = Job(
         id=new_id("ftjob"),
