@@ -287,6 +287,18 @@ class _Chunks:
         return payloads
 
 
+async def _answer(
+    request: Request, body: SamplingRequest, generation: Generation, kind: Literal["chat", "text"]
+) -> GenerationResult | StreamingResponse:
+    """The whole generation, or (`stream: true`) its chunks as server-sent events."""
+    engine: InferenceEngine = request.app.state.engine
+    await run_in_threadpool(record_use, generation.adapter_key)
+    if body.stream:
+        chunks = _Chunks(body, kind)
+        return await stream_response(engine, generation, chunks.render, _stream_error)
+    return await run_in_threadpool(engine.generate, generation)
+
+
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
@@ -304,12 +316,9 @@ async def chat_completions(
         max_tokens=body.max_completion_tokens or body.max_tokens,
         messages=[{"role": ROLES[m.role], "content": m.text()} for m in body.messages],
     )
-    engine: InferenceEngine = request.app.state.engine
-    await run_in_threadpool(record_use, generation.adapter_key)
-    if body.stream:
-        chunks = _Chunks(body, "chat")
-        return await stream_response(engine, generation, chunks.render, _stream_error)
-    result = await run_in_threadpool(engine.generate, generation)
+    result = await _answer(request, body, generation, "chat")
+    if isinstance(result, StreamingResponse):
+        return result
     return ChatCompletion(
         id=f"chatcmpl-{secrets.token_hex(12)}",
         created=int(time.time()),
@@ -335,12 +344,9 @@ async def completions(
 ) -> TextCompletion | StreamingResponse:
     target = await run_in_threadpool(_target, settings, owner, body.model)
     generation = _generation(body, target, settings, max_tokens=body.max_tokens, prompt=body.prompt)
-    engine: InferenceEngine = request.app.state.engine
-    await run_in_threadpool(record_use, generation.adapter_key)
-    if body.stream:
-        chunks = _Chunks(body, "text")
-        return await stream_response(engine, generation, chunks.render, _stream_error)
-    result = await run_in_threadpool(engine.generate, generation)
+    result = await _answer(request, body, generation, "text")
+    if isinstance(result, StreamingResponse):
+        return result
     return TextCompletion(
         id=f"cmpl-{secrets.token_hex(12)}",
         created=int(time.time()),

@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save
 
-from tests.corpus import arithmetic_rows, jsonl
 from tests.fixtures.env import MODEL_CACHE
 from tests.fixtures.service import Service, auth, create_api_key
 
@@ -83,14 +82,7 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 @pytest.fixture(scope="module")
 def trained(service: Service, tiny_model: str) -> dict[str, Any]:
-    file_id = service.upload("sums.jsonl", jsonl(arithmetic_rows(8)))
-    created = service.create_job(
-        base_model=tiny_model,
-        dataset_url=file_id,
-        hyperparameters={"n_epochs": 1, "batch_size": 4, "max_seq_length": 64},
-    )
-    job = service.wait_for(created["id"])
-    assert job["status"] == "succeeded", job["error"]
+    job = service.trained_job(tiny_model)
     return dict(service.client.get(f"/adapters/{job['adapter']['id']}").json())
 
 
@@ -555,7 +547,9 @@ def test_layer_shapes_come_from_the_config_alone(default_model_dir: Path, tiny_m
     settings = get_settings()
     tiny = linear_shapes(settings, get_base_model(settings, tiny_model))
     assert tiny["model.layers.1.self_attn.k_proj"] == (64, 32)  # 2 key-value heads of 16
-    assert tiny["model.layers.0.mlp.down_proj"] == (128, 64) and len(tiny) == 2 * 7 + 1
+    # Seven adapted layers per block; the LM head is not adapted (as with PEFT's "all-linear").
+    assert tiny["model.layers.0.mlp.down_proj"] == (128, 64) and len(tiny) == 2 * 7
     default = linear_shapes(settings, get_base_model(settings, None))
     assert default["model.layers.29.self_attn.q_proj"] == (576, 576)
-    assert default["model.layers.0.mlp.up_proj"] == (576, 1536) and len(default) == 30 * 7 + 1
+    assert default["model.layers.0.mlp.up_proj"] == (576, 1536) and len(default) == 30 * 7
+    assert "lm_head" not in default

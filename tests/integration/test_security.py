@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.corpus import arithmetic_rows, jsonl
 from tests.fixtures.service import Service, auth, create_api_key
 
 UNREACHABLE = "http://tuneserve-test-unreachable.invalid/train.jsonl"
@@ -105,14 +104,8 @@ def test_keys_cli_creates_lists_and_revokes(service: Service) -> None:
 @pytest.fixture(scope="module")
 def owned(service: Service, tiny_model: str) -> dict[str, Any]:
     """A succeeded job of the local owner, with its file, adapter and a checkpoint."""
-    file_id = service.upload("mine.jsonl", jsonl(arithmetic_rows(8)))
-    created = service.create_job(
-        base_model=tiny_model,
-        dataset_url=file_id,
-        hyperparameters={"n_epochs": 1, "batch_size": 4, "max_seq_length": 64},
-    )
-    job = service.wait_for(created["id"])
-    assert job["status"] == "succeeded", job["error"]
+    job = service.trained_job(tiny_model)
+    file_id = job["file_id"]
     checkpoints = service.client.get(f"/jobs/{job['id']}/checkpoints").json()["data"]
     return {"file": file_id, "job": job, "checkpoint": checkpoints[0]["id"]}
 
