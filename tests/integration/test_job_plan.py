@@ -316,8 +316,9 @@ print(json.dumps({"before": before, "peak": peak}))
 
 def test_memory_estimate_against_a_measured_peak(service: Service, tiny_model: str) -> None:
     """The tiny model's peak RSS in a fresh process training one batch of long rows, against
-    the plan's estimate: the part above the imports against the estimate less its runtime
-    allowance, within MEMORY_TOLERANCE either way."""
+    the plan's estimate of the whole process's peak (runtime allowance included), within
+    MEMORY_TOLERANCE either way. (The part above the imports alone is not comparable: what the
+    imports allocate and free is reused by training, more or less depending on the machine.)"""
     rows = arithmetic_rows(4)
     for row in rows:
         row["messages"][1]["content"] = "the answer is " * 120
@@ -338,10 +339,9 @@ def test_memory_estimate_against_a_measured_peak(service: Service, tiny_model: s
     )
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    training = measured["peak"] - measured["before"]
-    estimated = memory["estimated_bytes"] - memory["parts"]["runtime"]
-    seen = f"estimated {estimated} bytes, measured {training} (plan {memory}, {measured})"
-    assert (1 - MEMORY_TOLERANCE) * training <= estimated <= (1 + MEMORY_TOLERANCE) * training, seen
+    peak, estimated = measured["peak"], memory["estimated_bytes"]
+    seen = f"estimated {estimated} bytes, measured {peak} (plan {memory}, {measured})"
+    assert (1 - MEMORY_TOLERANCE) * peak <= estimated <= (1 + MEMORY_TOLERANCE) * peak, seen
 
 
 def test_openai_auto_hyperparameters_resolve_to_numbers(service: Service, tiny_model: str) -> None:
