@@ -6,14 +6,15 @@ import logging
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
 from app.db import after_commit, unit_of_work, utcnow
-from app.errors import Conflict, InvalidRequest, NotFound
+from app.errors import Conflict, NotFound
 from app.jobs.models import Job, JobCheckpoint
+from app.pages import newest_first
 from app.settings import Settings
 from app.storage import artifact_store
 
@@ -95,14 +96,9 @@ def list_adapters(
     session: Session, *, owner: str, limit: int, after: str | None
 ) -> tuple[list[Adapter], bool]:
     query = select(Adapter).where(Adapter.owner == owner)
-    if after is not None:
-        cursor = session.get(Adapter, after)
-        if cursor is None or cursor.owner != owner:
-            raise InvalidRequest(f"after: no adapter {after!r}", code="invalid_cursor")
-        query = query.where(tuple_(Adapter.created_at, Adapter.id) < (cursor.created_at, cursor.id))
-    query = query.order_by(Adapter.created_at.desc(), Adapter.id.desc()).limit(limit + 1)
-    adapters = list(session.scalars(query))
-    return adapters[:limit], len(adapters) > limit
+    return newest_first(
+        session, query, Adapter, owner=owner, after=after, limit=limit, noun="adapter"
+    )
 
 
 def delete_adapter(session: Session, *, owner: str, adapter_id: str, settings: Settings) -> Adapter:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from sqlalchemy import exists, or_, select, tuple_
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
-from app.errors import InvalidRequest, NotFound
+from app.errors import NotFound
 from app.files.models import File
 from app.jobs.models import TERMINAL_STATUSES, Job
+from app.pages import newest_first
 
 
 def get_file(session: Session, *, owner: str, file_id: str) -> File:
@@ -29,14 +30,7 @@ def list_files(
 ) -> tuple[list[File], bool]:
     """Newest first; `after` is the id of the last file of the previous page."""
     query = select(File).where(File.owner == owner)
-    if after is not None:
-        cursor = session.get(File, after)
-        if cursor is None or cursor.owner != owner:
-            raise InvalidRequest(f"after: no file {after!r}", code="invalid_cursor")
-        query = query.where(tuple_(File.created_at, File.id) < (cursor.created_at, cursor.id))
-    query = query.order_by(File.created_at.desc(), File.id.desc()).limit(limit + 1)
-    files = list(session.scalars(query))
-    return files[:limit], len(files) > limit
+    return newest_first(session, query, File, owner=owner, after=after, limit=limit, noun="file")
 
 
 def used_by_unfinished_job(session: Session, file_id: str) -> bool:

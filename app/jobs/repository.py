@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select, tuple_
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
-from app.errors import InvalidRequest, NotFound
+from app.errors import NotFound
 from app.jobs.models import (
     TERMINAL_STATUSES,
     Job,
@@ -17,6 +17,7 @@ from app.jobs.models import (
     JobStatus,
     Throughput,
 )
+from app.pages import newest_first
 
 
 def get_job(session: Session, *, owner: str, job_id: str) -> Job:
@@ -57,15 +58,7 @@ def list_jobs(
         query = query.where(Job.status == status)
     for key, value in (metadata or {}).items():
         query = query.where(Job.metadata_[key].as_string() == value)
-    if after is not None:
-        cursor = session.get(Job, after)
-        if cursor is None or cursor.owner != owner:
-            raise InvalidRequest(f"after: no job {after!r}", code="invalid_cursor")
-        query = query.where(tuple_(Job.created_at, Job.id) < (cursor.created_at, cursor.id))
-    jobs = list(
-        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
-    )
-    return jobs[:limit], len(jobs) > limit
+    return newest_first(session, query, Job, owner=owner, after=after, limit=limit, noun="job")
 
 
 def adapters_by_job(session: Session, job_ids: list[str]) -> dict[str, Adapter]:
