@@ -5,6 +5,7 @@ from app.db import Base
 from app.files.models import File
 from app.jobs.models import Job, JobCheckpoint, JobEvent, JobMetric, Throughput
 from app.keys.models import ApiKey
+from app.webhooks.models import WebhookDelivery
 
 __all__ = [
     "Adapter",
@@ -16,4 +17,5 @@ __all__ = [
     "JobEvent",
     "JobMetric",
     "Throughput",
+    "WebhookDelivery",
 ]

@@ -355,11 +355,12 @@ def _pinned_request(
     address: IPAddress,
     timeout: float,
     headers: Mapping[str, str],
+    body: bytes | None = None,
 ) -> httpx.Request:
     host = url.raw_host.decode("ascii")
     extensions = {"sni_hostname": host} if url.scheme == "https" else {}
     return client.build_request(
-        "GET",
+        "GET" if body is None else "POST",
         # The fragment is never sent; userinfo stays, for httpx's basic auth.
         url.copy_with(host=str(address), fragment=None),
         headers={
@@ -367,6 +368,7 @@ def _pinned_request(
             "Host": url.netloc.decode("ascii"),
             "Accept-Encoding": "gzip, deflate",
         },
+        content=body,
         timeout=timeout,
         extensions=extensions,
     )
@@ -378,13 +380,14 @@ def _send(
     addresses: list[IPAddress],
     timeout: float,
     headers: Mapping[str, str],
+    body: bytes | None = None,
 ) -> tuple[httpx.Response, IPAddress]:
     """Send to the first of the (checked, non-empty) addresses that accepts a connection."""
     for address in addresses[:-1]:
         with contextlib.suppress(httpx.ConnectError):
-            request = _pinned_request(client, url, address, timeout, headers)
+            request = _pinned_request(client, url, address, timeout, headers, body)
             return client.send(request, stream=True), address
-    request = _pinned_request(client, url, addresses[-1], timeout, headers)
+    request = _pinned_request(client, url, addresses[-1], timeout, headers, body)
     return client.send(request, stream=True), addresses[-1]
 
 
@@ -446,3 +449,37 @@ def open_guarded(
                 return
         current, via = target, current
     raise TooManyRedirects(f"{redact(url)} redirected more than {max_redirects} times")
+
+
+@dataclass(frozen=True)
+class PostAnswer:
+    status_code: int
+    excerpt: str  # the start of the response body, for error messages
+
+
+def post_guarded(
+    url: str,
+    body: bytes,
+    *,
+    allow_private: bool,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    resolver: Resolver | None = None,
+    checker: Checker | None = None,
+) -> PostAnswer:
+    """POST body to url with the same address checks and pinning as open_guarded. Redirects are
+    not followed: a webhook receiver that redirects has answered, not accepted. Raises as
+    open_guarded does."""
+    current = httpx.URL(url)
+    addresses = _check_hop(current, None, allow_private, resolver, checker)
+    with httpx.Client(follow_redirects=False, trust_env=False, verify=_ssl_context()) as client:
+        response, _address = _send(client, current, addresses, timeout, headers or {}, body)
+        try:
+            excerpt = b""
+            for chunk in response.iter_bytes():
+                excerpt += chunk
+                if len(excerpt) >= 500:
+                    break
+        finally:
+            response.close()
+    return PostAnswer(response.status_code, excerpt[:500].decode("utf-8", "replace"))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+LogFormat = Literal["json", "text"]
 
 
 class Settings(BaseSettings):
@@ -120,6 +122,37 @@ class Settings(BaseSettings):
     reaper_interval_seconds: float = Field(
         default=30.0, gt=0, description="How often the scheduler looks for lost jobs."
     )
+    auto_eval_rows: int = Field(
+        default=32,
+        ge=0,
+        le=1000,
+        description="Rows the automatic evaluation after training scores, base model against "
+        "adapter (a job without a validation set holds up to this many out of training); 0 "
+        "turns the evaluation off.",
+    )
+    auto_eval_samples: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="Sample answers of the base model and of the adapter stored with each job.",
+    )
+    webhook_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=50,
+        description="A webhook not answered 2xx is tried this many times in all, then given up.",
+    )
+    webhook_retry_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Wait before a webhook's first retry; each later wait doubles (at most 1 h).",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="How long one webhook attempt may take."
+    )
+    webhook_poll_seconds: float = Field(
+        default=2.0, gt=0, description="How often the scheduler sends due webhooks."
+    )
     adapter_cache_size: int = Field(
         default=8,
         ge=1,
@@ -174,6 +207,17 @@ class Settings(BaseSettings):
         "recorded (GPU memory, or the machine's RAM for CPU workers), else this machine's.",
     )
     log_level: str = Field(default="INFO", description="Log level of every process.")
+    log_format: LogFormat = Field(
+        default="json",
+        description="Log lines of every process: json = one JSON object per line (ts, level, "
+        "logger, process, message, job_id while a worker runs a job, exception), for log "
+        "collectors; text = one human-readable line.",
+    )
+    metrics_public: bool = Field(
+        default=True,
+        description="Serve GET /metrics (Prometheus) without an API key, like /healthz and "
+        "/readyz; false: it needs a key like every other route.",
+    )
 
     @field_validator("data_dir")
     @classmethod

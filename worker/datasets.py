@@ -20,6 +20,7 @@ from app.datasets.reading import (
     parse,
     token_counts,
 )
+from app.evaluation.split import EvaluationSplit, split_records
 from app.jobs.auto import Resolved, auto_fields, resolve
 from app.jobs.memory import batch_fits
 from app.jobs.models import Job
@@ -44,6 +45,7 @@ class DatasetFacts(TypedDict, total=False):
     bytes: int
     filename: str
     etag: str | None
+    held_out_rows: int
     validation: dict[str, Any]
 
 
@@ -51,7 +53,8 @@ class DatasetFacts(TypedDict, total=False):
 class PreparedDatasets:
     facts: DatasetFacts
     train_records: list[dict[str, Any]]
-    eval_records: list[dict[str, Any]] | None
+    eval_records: list[dict[str, Any]] | None  # the validation set, scored during training
+    scored: EvaluationSplit  # the rows the automatic evaluation scores after training
     total_steps: int
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)  # "auto" resolved
@@ -165,18 +168,26 @@ def prepare_datasets(
             "tokens": sum(v_counts),
             "sha256": v_fetched.sha256,
         }
+    scored = split_records(
+        parsed.records,
+        eval_records,
+        seed=int(job.hyperparameters["seed"]),
+        max_rows=settings.auto_eval_rows,
+    )
+    facts["held_out_rows"] = len(parsed.records) - len(scored.train)
     resolved = resolve_hyperparameters(
         job,
         settings,
-        rows=parsed.rows,
+        rows=len(scored.train),
         max_row_tokens=max(counts),
         device=device,
     )
     return PreparedDatasets(
         facts=facts,
-        train_records=parsed.records,
+        train_records=scored.train,
         eval_records=eval_records,
-        total_steps=total_steps(parsed.rows, resolved.hyperparameters, world_size),
+        scored=scored,
+        total_steps=total_steps(len(scored.train), resolved.hyperparameters, world_size),
         model_kwargs=model_kwargs,
         hyperparameters=resolved.hyperparameters,
         auto=resolved.auto,

@@ -36,10 +36,12 @@ from app.jobs.transitions import transition
 from app.settings import Settings, get_settings
 from app.storage import artifact_store
 from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
-from worker.datasets import DatasetFacts, JobFailure, prepare_datasets
+from worker.datasets import DatasetFacts, JobFailure, PreparedDatasets, prepare_datasets
 from worker.devices import Device, detect_device
 from worker.distributed import node_processes, run_distributed
+from worker.evaluation import evaluate_adapter
 from worker.heartbeat import Heartbeat
+from worker.model_card import manifest, write_model_card
 from worker.progress import ProgressWriter
 from worker.sql import with_retries
 from worker.training import (
@@ -125,10 +127,10 @@ def claim(job_id: str, me: str) -> Job | None:
     return with_retries(take, what=f"claim job {job_id}")
 
 
-def event(job_id: str, type: str, message: str, **data: Any) -> None:
+def event(job_id: str, type: str, message: str, level: str = "info", **data: Any) -> None:
     def write() -> None:
         with unit_of_work() as session:
-            append_event(session, job_id, type, message, data=data or None)
+            append_event(session, job_id, type, message, level=level, data=data or None)
 
     with_retries(write, what=f"log {type}")
 
@@ -361,7 +363,8 @@ def _run_claimed(context: JobContext) -> None:
     if result.stopped_early:
         raise JobStopped("cancelled")
 
-    adapter = _register_adapter(context)
+    evaluation = _evaluate(context, prepared, location, bf16)
+    context.check_stop()
     final = {
         **writer.progress,
         "step": result.steps,
@@ -371,6 +374,25 @@ def _run_claimed(context: JobContext) -> None:
     }
     if result.eval_loss is not None:
         final["eval_loss"] = result.eval_loss
+    write_model_card(
+        context.workdir / "adapter",
+        manifest(
+            job=job,
+            base_model=base_model,
+            dataset=dict(facts),
+            hyperparameters=hp,
+            device={**device.facts(), "bf16_autocast": bf16, "processes": processes},
+            metrics={
+                "steps": result.steps,
+                "train_loss": result.train_loss,
+                "eval_loss": result.eval_loss,
+                "trained_tokens": result.trained_tokens,
+                "training_seconds": round(result.seconds, 1),
+            },
+            evaluation=evaluation,
+        ),
+    )
+    adapter = _register_adapter(context)
 
     def succeed() -> bool:
         with unit_of_work() as session:
@@ -391,7 +413,7 @@ def _run_claimed(context: JobContext) -> None:
                     "trained_tokens": result.trained_tokens,
                     "seconds": round(result.seconds, 1),
                 },
-                values={"progress": final},
+                values={"progress": final, "evaluation": evaluation},
             )
             if not succeeded:
                 session.rollback()
@@ -402,6 +424,50 @@ def _run_claimed(context: JobContext) -> None:
     if not with_retries(succeed, what=f"finish job {job.id}"):
         artifact_store(settings).delete(adapter.path)
         raise JobStopped("claim_lost")
+
+
+def _evaluate(
+    context: JobContext, prepared: PreparedDatasets, location: str, bf16: bool
+) -> dict[str, Any] | None:
+    """Base model against adapter on the rows prepare_datasets set aside (worker/evaluation.py).
+    A failure here is reported and leaves the job without an evaluation; the adapter stands."""
+    settings, job_id, scored = context.settings, context.job.id, prepared.scored
+    if settings.auto_eval_rows == 0 or not scored.scored:
+        return None
+    event(
+        job_id,
+        "job.evaluating",
+        f"Evaluating: base model against adapter on {len(scored.scored)} {scored.split} rows.",
+    )
+    try:
+        evaluation = evaluate_adapter(
+            location,
+            context.workdir / "adapter",
+            scored.scored,
+            split=scored.split,
+            samples=settings.auto_eval_samples,
+            bf16=bf16,
+            model_kwargs=prepared.model_kwargs,
+        )
+    except Exception as exc:
+        logger.exception("job %s: the automatic evaluation failed", job_id)
+        event(
+            job_id,
+            "job.evaluation_failed",
+            f"The automatic evaluation failed ({type(exc).__name__}: {exc}); the adapter is "
+            "kept without it.",
+            level="warning",
+        )
+        return None
+    event(
+        job_id,
+        "job.evaluated",
+        f"Eval loss on {evaluation['rows']} {evaluation['split']} rows: base "
+        f"{evaluation['base_eval_loss']:.4f}, adapter {evaluation['adapter_eval_loss']:.4f} "
+        f"({evaluation['improvement']:+.1%}).",
+        **{key: value for key, value in evaluation.items() if key != "samples"},
+    )
+    return evaluation
 
 
 def _record_throughput(

@@ -1,4 +1,5 @@
-"""Periodic upkeep: find jobs whose worker died or whose queue message was lost.
+"""Periodic upkeep: find jobs whose worker died or whose queue message was lost, and send the
+webhooks of jobs that ended (app/webhooks/outbox.py).
 
 It runs as its own small process (`tuneserve scheduler`), reading SQL directly, rather than as a
 Celery beat task: a beat task needs a free worker, and with one worker per GPU busy training for
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
@@ -17,6 +19,7 @@ from app.db import unit_of_work, utcnow
 from app.jobs.models import ACTIVE_STATUSES, Job, JobStatus
 from app.jobs.transitions import transition
 from app.settings import Settings, get_settings
+from app.webhooks.outbox import deliver_due
 from worker.celery_app import enqueue_job
 
 logger = logging.getLogger(__name__)
@@ -85,14 +88,27 @@ def reap_lost_jobs(settings: Settings) -> dict[str, list[str]]:
 
 
 def run_scheduler(stop: threading.Event | None = None) -> None:
+    """Until stop: look for lost jobs every reaper interval, send due webhooks every webhook
+    poll interval."""
     settings = get_settings()
     stop = stop or threading.Event()
-    logger.info("scheduler: checking for lost jobs every %.0f s", settings.reaper_interval_seconds)
+    logger.info(
+        "scheduler: checking for lost jobs every %g s, sending webhooks every %g s",
+        settings.reaper_interval_seconds,
+        settings.webhook_poll_seconds,
+    )
+    next_reap = 0.0
     while not stop.is_set():
+        if time.monotonic() >= next_reap:
+            next_reap = time.monotonic() + settings.reaper_interval_seconds
+            try:
+                outcome = reap_lost_jobs(settings)
+                if any(outcome.values()):
+                    logger.info("scheduler: %s", outcome)
+            except Exception:
+                logger.exception("scheduler pass failed; trying again next interval")
         try:
-            outcome = reap_lost_jobs(settings)
-            if any(outcome.values()):
-                logger.info("scheduler: %s", outcome)
+            deliver_due(settings)
         except Exception:
-            logger.exception("scheduler pass failed; trying again next interval")
-        stop.wait(settings.reaper_interval_seconds)
+            logger.exception("sending webhooks failed; trying again next interval")
+        stop.wait(min(settings.webhook_poll_seconds, max(next_reap - time.monotonic(), 0.0)))

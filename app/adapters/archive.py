@@ -1,7 +1,8 @@
 """An adapter as a .tar.gz, streamed as it is built: nothing is staged in memory or on disk.
 
 The archive holds one folder named after the adapter id with adapter_config.json,
-adapter_model.safetensors and, when the adapter has one, README.md: after extraction,
+adapter_model.safetensors and, when the adapter has them, README.md (its model card) and
+tuneserve_manifest.json (how it was trained): after extraction,
 `PeftModel.from_pretrained(base_model, "<adapter id>")` loads it. The tar records are written
 by hand (TarInfo.tobuf for each header) and compressed with zlib in gzip framing, so each chunk
 of a file goes out as soon as it is read from the artifact store (a local disk or S3). The same
@@ -15,7 +16,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from app.adapters.unpacking import CONFIG, README, WEIGHTS
+from app.adapters.unpacking import CONFIG, MANIFEST, README, WEIGHTS
 from app.storage import ArtifactStore
 
 _CHUNK = 1024 * 1024
@@ -36,8 +37,9 @@ def adapter_entries(store: ArtifactStore, key: str) -> list[Entry]:
     entries = [
         Entry(name, f"{key}/{name}", store.size(f"{key}/{name}")) for name in (CONFIG, WEIGHTS)
     ]
-    if store.exists(f"{key}/{README}"):
-        entries.append(Entry(README, f"{key}/{README}", store.size(f"{key}/{README}")))
+    for optional in (README, MANIFEST):
+        if store.exists(f"{key}/{optional}"):
+            entries.append(Entry(optional, f"{key}/{optional}", store.size(f"{key}/{optional}")))
     return entries
 
 

@@ -34,6 +34,7 @@ from app.errors import InvalidRequest
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 README = "README.md"
+MANIFEST = "tuneserve_manifest.json"  # written by the worker (worker/model_card.py)
 KEPT = (CONFIG, WEIGHTS, README)
 REQUIRED = (CONFIG, WEIGHTS)
 MAX_MEMBERS = 1000

@@ -82,7 +82,7 @@ def create_job(
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
         return service.views(session, [submission.job])[0]
-    return service.to_view(submission.job, None)
+    return service.to_view(submission.job, None, show_secret=True)
 
 
 @router.post("/plan", response_model=JobPlan, summary="Plan a job without running it")

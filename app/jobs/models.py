@@ -64,6 +64,13 @@ class Job(Base):
     dataset: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    # After training: eval loss of the base model and of the adapter on held-out rows, and sample
+    # generations of both (worker/evaluation.py). Null until the job has succeeded.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Where the job's terminal state is POSTed, and the secret its signature is made with
+    # (app/webhooks/). The secret is needed to sign, so it is stored as given.
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_secret: Mapped[str | None] = mapped_column(String(128))
     # Idempotency-Key of the request that created the job, with a hash of that request's body:
     # a retry with the same key and body gets this job back instead of a second one.
     idempotency_key: Mapped[str | None] = mapped_column(String(200))

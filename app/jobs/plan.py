@@ -38,6 +38,7 @@ from app.datasets.reading import (
 )
 from app.db import unit_of_work
 from app.errors import InvalidRequest, NotFound, TuneserveError
+from app.evaluation.split import held_out_rows
 from app.files.repository import get_file
 from app.jobs import repository
 from app.jobs.auto import auto_fields, resolve
@@ -319,7 +320,12 @@ def plan_job(
             problems.append(
                 PlanProblem(code=failure.code, message=failure.message, detail=failure.detail)
             )
-    rows = train.parsed.rows
+    held_out = held_out_rows(
+        train.parsed.rows,
+        has_validation=validation is not None,
+        max_rows=settings.auto_eval_rows,
+    )
+    rows = train.parsed.rows - held_out  # the rows trained on
     seq = min(max_seq_length, max(train.counts))
     resolved = resolve(
         requested,
@@ -341,11 +347,12 @@ def plan_job(
         base_model=base_model.name,
         queue=queue,
         dataset=PlanDataset(
-            rows=rows,
+            rows=train.parsed.rows,
+            held_out_rows=held_out,
             format=train.parsed.format.value,
             tokens=tokens,
             max_row_tokens=max(train.counts),
-            mean_row_tokens=round(tokens / rows, 2),
+            mean_row_tokens=round(tokens / train.parsed.rows, 2),
             p99_row_tokens=_percentile(train.counts, 0.99),
             too_long_count=len(too_long_rows),
             too_long=[TooLongRow(line=line, tokens=count) for line, count in too_long_rows[:50]],
@@ -367,7 +374,7 @@ def plan_job(
         time=estimate_time(
             accelerator=device.accelerator,
             base_model=base_model.name,
-            tokens=tokens,
+            tokens=round(tokens * rows / train.parsed.rows),
             epochs=int(hyperparameters["n_epochs"]),
         ),
         memory=_memory(

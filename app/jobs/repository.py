@@ -18,6 +18,7 @@ from app.jobs.models import (
     Throughput,
 )
 from app.pages import newest_first
+from app.webhooks.models import WebhookDelivery
 
 
 def get_job(session: Session, *, owner: str, job_id: str) -> Job:
@@ -66,6 +67,22 @@ def adapters_by_job(session: Session, job_ids: list[str]) -> dict[str, Adapter]:
         return {}
     adapters = session.scalars(select(Adapter).where(Adapter.job_id.in_(job_ids)))
     return {adapter.job_id: adapter for adapter in adapters if adapter.job_id}
+
+
+def webhook_deliveries_by_job(
+    session: Session, job_ids: list[str]
+) -> dict[str, list[WebhookDelivery]]:
+    found: dict[str, list[WebhookDelivery]] = {}
+    if not job_ids:
+        return found
+    rows = session.scalars(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.job_id.in_(job_ids))
+        .order_by(WebhookDelivery.created_at)
+    )
+    for delivery in rows:
+        found.setdefault(delivery.job_id, []).append(delivery)
+    return found
 
 
 def list_metrics(session: Session, job_id: str) -> list[JobMetric]:

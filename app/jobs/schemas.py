@@ -156,6 +156,21 @@ class CreateJobRequest(RequestModel):
         description="Run only on workers of this class (queue training-<class>); any worker "
         "when omitted.",
     )
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description="An http(s) URL POSTed a signed JSON event when the job ends (succeeded, "
+        "failed or cancelled); retried with backoff until it answers 2xx.",
+    )
+    webhook_secret: str | None = Field(
+        None,
+        min_length=16,
+        max_length=128,
+        pattern=r"^[\x21-\x7e]+$",
+        description="The secret webhook requests are signed with (16 to 128 printable ASCII "
+        "characters); one is made and returned once, in this request's answer, when omitted.",
+    )
     dry_run: bool = Field(
         False,
         description="Answer 200 with the job's plan (as POST /jobs/plan) instead of creating "
@@ -167,6 +182,13 @@ class CreateJobRequest(RequestModel):
     def _suffix(cls, value: str | None) -> str | None:
         if value is not None and not SUFFIX.match(value):
             raise ValueError("use 1 to 40 letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.lower().startswith(("http://", "https://")):
+            raise ValueError("use an http:// or https:// URL")
         return value
 
     @field_validator("metadata")
@@ -207,6 +229,45 @@ class AdapterRef(ResponseModel):
     name: str
 
 
+class EvaluationSample(ResponseModel):
+    prompt: str = Field(description="What both models were given, as the user wrote it.")
+    reference: str | None = Field(description="The dataset's answer.")
+    base: str = Field(description="The base model's greedy answer.")
+    adapter: str = Field(description="The fine-tuned model's greedy answer.")
+
+
+class Evaluation(ResponseModel):
+    split: Literal["validation", "held_out", "training_rows"] = Field(
+        description="validation: the job's validation set; held_out: rows kept out of training; "
+        "training_rows: the dataset was too small to hold rows out, so these were trained on."
+    )
+    rows: int
+    base_eval_loss: float = Field(description="Mean loss of the base model on the trained tokens.")
+    adapter_eval_loss: float
+    improvement: float = Field(description="(base - adapter) / base: 0.25 is 25% lower loss.")
+    samples: list[EvaluationSample]
+    seconds: float
+
+
+class WebhookDeliveryView(ResponseModel):
+    id: str
+    event: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+
+
+class WebhookView(ResponseModel):
+    url: str
+    secret: str | None = Field(
+        None, description="Only in the answer to the request that created the job."
+    )
+    deliveries: list[WebhookDeliveryView] = Field(default_factory=list)
+
+
 class JobView(ResponseModel):
     id: str
     object: Literal["job"] = "job"
@@ -228,6 +289,12 @@ class JobView(ResponseModel):
         None, description="Facts found while validating: rows, format, tokens, sha256, …"
     )
     adapter: AdapterRef | None = None
+    evaluation: Evaluation | None = Field(
+        None,
+        description="After success: eval loss of the base model and of the adapter on held-out "
+        "rows, and sample answers of both.",
+    )
+    webhook: WebhookView | None = None
     error: JobError | None
     metadata: dict[str, str] | None
     attempt: int
@@ -303,6 +370,11 @@ class TooLongRow(ResponseModel):
 
 class PlanDataset(ResponseModel):
     rows: int
+    held_out_rows: int = Field(
+        0,
+        description="Rows kept out of training for the automatic evaluation (no validation "
+        "set, at least 50 rows: a tenth, at most TUNESERVE_AUTO_EVAL_ROWS).",
+    )
     format: str
     tokens: int = Field(description="Every row's tokens after the chat template, EOS included.")
     max_row_tokens: int

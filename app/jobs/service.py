@@ -28,13 +28,19 @@ from app.jobs.schemas import (
     AcceleratorClass,
     AdapterRef,
     CreateJobRequest,
+    Evaluation,
     JobError,
     JobEventView,
     JobView,
     Progress,
+    WebhookDeliveryView,
+    WebhookView,
 )
 from app.jobs.transitions import EVENT_TYPES, require_transition
+from app.outbound import OutboundError, check_url_literal
 from app.settings import Settings
+from app.webhooks.models import WebhookDelivery
+from app.webhooks.signing import new_secret
 from worker.celery_app import enqueue_job
 
 
@@ -77,6 +83,21 @@ def check_dataset_urls(
             field="validation_url",
             settings=settings,
         )
+
+
+def check_webhook_url(url: str | None, settings: Settings) -> None:
+    """Refuse a webhook aimed at localhost or a non-public IP literal now; the full check (DNS,
+    every address) happens on each delivery."""
+    if url is None or settings.allow_private_networks:
+        return
+    try:
+        check_url_literal(url)
+    except OutboundError as exc:
+        raise InvalidRequest(
+            f"webhook_url: {exc} (set TUNESERVE_ALLOW_PRIVATE_NETWORKS=true to allow it)",
+            code="invalid_webhook_url",
+            detail={"field": "webhook_url"},
+        ) from exc
 
 
 def _check_jobs_in_flight(session: Session, *, owner: str, limit: int) -> None:
@@ -140,6 +161,7 @@ def create_job(
     _check_jobs_in_flight(session, owner=owner, limit=settings.max_jobs_in_flight)
     base_model = get_base_model(settings, request.base_model)
     check_dataset_urls(session, owner=owner, request=request, settings=settings)
+    check_webhook_url(request.webhook_url, settings)
     hyperparameters = request.hyperparameters.model_dump(mode="json")
     job = Job(
         id=new_id("ftjob"),
@@ -153,6 +175,8 @@ def create_job(
         auto_hyperparameters=auto_fields(hyperparameters),
         lora=request.lora.model_dump(mode="json"),
         metadata_=request.metadata,
+        webhook_url=request.webhook_url,
+        webhook_secret=(request.webhook_secret or new_secret()) if request.webhook_url else None,
         idempotency_key=key,
         request_hash=None if key is None else digest,
         queue=queue_for(request.accelerator, settings),
@@ -209,7 +233,22 @@ def cancel_job(session: Session, *, owner: str, job_id: str) -> Job:
     return job
 
 
-def to_view(job: Job, adapter: Adapter | None) -> JobView:
+def to_view(
+    job: Job,
+    adapter: Adapter | None,
+    deliveries: list[WebhookDelivery] | None = None,
+    *,
+    show_secret: bool = False,
+) -> JobView:
+    """The job as the API shows it; the webhook secret only when show_secret (the answer to the
+    request that created the job)."""
+    webhook = None
+    if job.webhook_url:
+        webhook = WebhookView(
+            url=job.webhook_url,
+            secret=job.webhook_secret if show_secret else None,
+            deliveries=[WebhookDeliveryView.model_validate(d) for d in deliveries or []],
+        )
     return JobView(
         id=job.id,
         status=job.status,
@@ -223,6 +262,8 @@ def to_view(job: Job, adapter: Adapter | None) -> JobView:
         progress=Progress.model_validate(job.progress) if job.progress else None,
         dataset=job.dataset,
         adapter=AdapterRef(id=adapter.id, name=adapter.name) if adapter else None,
+        evaluation=Evaluation.model_validate(job.evaluation) if job.evaluation else None,
+        webhook=webhook,
         error=JobError.model_validate(job.error) if job.error else None,
         metadata=job.metadata_,
         attempt=job.attempt,
@@ -237,8 +278,12 @@ def to_view(job: Job, adapter: Adapter | None) -> JobView:
 
 
 def views(session: Session, jobs: list[Job]) -> list[JobView]:
-    adapters = repository.adapters_by_job(session, [job.id for job in jobs])
-    return [to_view(job, adapters.get(job.id)) for job in jobs]
+    ids = [job.id for job in jobs]
+    adapters = repository.adapters_by_job(session, ids)
+    deliveries = repository.webhook_deliveries_by_job(
+        session, [job.id for job in jobs if job.webhook_url]
+    )
+    return [to_view(job, adapters.get(job.id), deliveries.get(job.id)) for job in jobs]
 
 
 STREAM_POLL_SECONDS = 0.5

@@ -76,6 +76,10 @@ def transition(
     if result.rowcount == 0:  # type: ignore[attr-defined]
         return False
     append_event(session, job_id, EVENT_TYPES[to], message, level=level, data=data)
+    if to.is_terminal:
+        from app.webhooks.outbox import record_terminal  # it reads jobs.service's views
+
+        record_terminal(session, job_id, EVENT_TYPES[to])
     return True
 
 

@@ -54,6 +54,8 @@ def test_upload_train_and_generate(service: Service, tiny_model: str) -> None:
         "job.dataset_validated",
         "job.training_started",
         "job.checkpoint_saved",  # the Trainer's last step is always checkpointed
+        "job.evaluating",
+        "job.evaluated",
         "job.succeeded",
     ]
 

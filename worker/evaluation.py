@@ -1,0 +1,178 @@
+"""Score a trained adapter against its base model: the loss both get on rows the adapter was
+not trained on (the same tokens the training learned: assistant turns, completions), and a few
+answers of both, side by side. A plain function of (model, adapter, rows); the runner stores
+what it returns as the job's `evaluation`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.datasets.loss_mask import token_mask
+from app.evaluation.split import Split
+
+BATCH_ROWS = 8
+MAX_SAMPLE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    shown: str  # the user's words, as the job page shows them
+    reference: str | None
+    input_ids: list[int]
+
+
+def sample_prompt(tokenizer: Any, record: dict[str, Any]) -> SamplePrompt | None:
+    """The prompt of a row and its reference answer; None for rows without a prompt (text)."""
+    if "messages" in record:
+        messages = record["messages"]
+        last = max(
+            (i for i, message in enumerate(messages) if message["role"] == "assistant"),
+            default=None,
+        )
+        if not last:
+            return None
+        context = messages[:last]
+        users = [message["content"] for message in context if message["role"] == "user"]
+        ids = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return SamplePrompt(
+            shown=users[-1] if users else str(context[-1]["content"]),
+            reference=str(messages[last]["content"]),
+            input_ids=list(ids),
+        )
+    if "prompt" in record:
+        ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        return SamplePrompt(record["prompt"], record.get("completion"), list(ids))
+    return None
+
+
+def _precision(bf16: bool, device: Any) -> contextlib.AbstractContextManager[Any]:
+    import torch
+
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def mean_loss(model: Any, tokenizer: Any, records: list[dict[str, Any]], bf16: bool) -> float:
+    """Mean cross-entropy over every trained token of records (token-weighted)."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    examples = [token_mask(tokenizer, record) for record in records]
+    for start in range(0, len(examples), BATCH_ROWS):
+        batch = examples[start : start + BATCH_ROWS]
+        width = max(len(ids) for ids, _mask in batch)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, (ids, mask) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention[row, : len(ids)] = 1
+            labels[row, : len(ids)] = torch.tensor(
+                [token if trained else -100 for token, trained in zip(ids, mask, strict=True)]
+            )
+        with torch.no_grad(), _precision(bf16, device):
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention.to(device)
+            ).logits.float()
+        shifted = labels[:, 1:].to(device)
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)),
+            shifted.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        total += float(losses)
+        count += int((shifted != -100).sum())
+    return total / max(count, 1)
+
+
+def answers(
+    model: Any, tokenizer: Any, prompts: list[SamplePrompt], max_new_tokens: int, bf16: bool
+) -> list[str]:
+    """Greedy answers to prompts, in one left-padded batch."""
+    import torch
+
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    width = max(len(prompt.input_ids) for prompt in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt.input_ids) :] = torch.tensor(prompt.input_ids)
+        attention[row, width - len(prompt.input_ids) :] = 1
+    with torch.no_grad(), _precision(bf16, device):
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return [
+        tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output.tolist()
+    ]
+
+
+def evaluate_adapter(
+    model_location: str,
+    adapter_dir: Path,
+    records: list[dict[str, Any]],
+    *,
+    split: Split,
+    samples: int,
+    bf16: bool,
+    model_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The job's `evaluation` (app/jobs/schemas.py Evaluation) for the adapter in adapter_dir."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    kwargs = model_kwargs or {}
+    tokenizer = AutoTokenizer.from_pretrained(model_location, trust_remote_code=False, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base: Any = AutoModelForCausalLM.from_pretrained(
+        model_location, dtype=torch.float32, trust_remote_code=False, use_safetensors=True, **kwargs
+    )
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+
+    prompts = [p for p in (sample_prompt(tokenizer, r) for r in records) if p][:samples]
+    longest = max(
+        (len(tokenizer(p.reference)["input_ids"]) for p in prompts if p.reference), default=32
+    )
+    max_new_tokens = min(MAX_SAMPLE_TOKENS, longest + 8)
+
+    adapter_loss = mean_loss(model, tokenizer, records, bf16)
+    adapter_answers = answers(model, tokenizer, prompts, max_new_tokens, bf16)
+    with model.disable_adapter():
+        base_loss = mean_loss(model, tokenizer, records, bf16)
+        base_answers = answers(model, tokenizer, prompts, max_new_tokens, bf16)
+    return {
+        "split": split,
+        "rows": len(records),
+        "base_eval_loss": round(base_loss, 6),
+        "adapter_eval_loss": round(adapter_loss, 6),
+        "improvement": round((base_loss - adapter_loss) / base_loss, 6) if base_loss else 0.0,
+        "samples": [
+            {"prompt": p.shown, "reference": p.reference, "base": b, "adapter": a}
+            for p, b, a in zip(prompts, base_answers, adapter_answers, strict=True)
+        ],
+        "seconds": round(time.monotonic() - started, 2),
+    }
