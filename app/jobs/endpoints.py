@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app.db import unit_of_work
 from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.errors import ErrorBody
 from app.jobs import plan, repository, service
@@ -92,6 +93,17 @@ def plan_job(request: CreateJobRequest, owner: CurrentOwner, settings: SettingsD
     the steps, the estimated time and peak memory on its target device (and what to change when
     it does not fit), and the loss mask of the first 3 examples. Nothing is stored or queued;
     `dry_run` is ignored here."""
+    return plan.plan_job(owner=owner, request=request, settings=settings)
+
+
+@router.get("/{job_id}/plan", response_model=JobPlan, summary="A job's plan, computed now")
+def job_plan(job_id: str, owner: CurrentOwner, settings: SettingsDep) -> JobPlan:
+    """The plan of the request that made this job (its "auto" hyperparameters asked as "auto"
+    again), computed now from its dataset, as POST /jobs/plan answers it."""
+    # No request session: planning takes seconds and opens its own; SQLite must not see a
+    # transaction held open across it.
+    with unit_of_work() as session:
+        request = service.request_of(repository.get_job(session, owner=owner, job_id=job_id))
     return plan.plan_job(owner=owner, request=request, settings=settings)
 
 

@@ -21,7 +21,7 @@ from app.files.repository import get_file
 from app.idempotency import check_idempotency_key, ensure_same_request, request_hash
 from app.ids import new_id
 from app.jobs import repository
-from app.jobs.auto import auto_fields
+from app.jobs.auto import AUTO, auto_fields
 from app.jobs.events import append_event, list_events
 from app.jobs.models import TERMINAL_STATUSES, Job, JobStatus
 from app.jobs.schemas import (
@@ -202,6 +202,23 @@ def create_job(
             return _replay(winner, key=key, request_hash=digest)
     after_commit(session, lambda: enqueue_job(job.id, job.queue))
     return JobSubmission(job, replayed=False)
+
+
+def request_of(job: Job) -> CreateJobRequest:
+    """The request that made job, as far as planning goes ("auto" asked again)."""
+    hyperparameters = {**job.hyperparameters, **dict.fromkeys(job.auto_hyperparameters or [], AUTO)}
+    prefix = "training-"
+    accelerator = job.queue[len(prefix) :] if job.queue.startswith(prefix) else None
+    return CreateJobRequest.model_validate(
+        {
+            "base_model": job.base_model,
+            "dataset_url": job.dataset_url,
+            "validation_url": job.validation_url,
+            "hyperparameters": hyperparameters,
+            "lora": job.lora,
+            "accelerator": accelerator,
+        }
+    )
 
 
 def _insert(session: Session, job: Job) -> None:

@@ -137,6 +137,11 @@ def test_a_dry_run_stores_nothing_and_the_job_does_what_the_plan_said(
     assert after["time"]["estimated_seconds"] is not None
     assert after["time"]["tokens_per_second"] > 0 and after["time"]["measured_jobs"] >= 1
 
+    # The job's own plan (what the dashboard shows) asks "auto" again and gets the same answer.
+    own = service.client.get(f"/jobs/{job['id']}/plan")
+    assert own.status_code == 200, own.text
+    assert {**own.json(), "time": None} == {**after, "time": None}
+
 
 def test_time_is_estimated_only_from_measurements_and_holds_within_tolerance(
     service: Service, tiny_model: str
