@@ -48,7 +48,8 @@ def test_default_model_learns_the_trained_format(service: Service) -> None:
     base_answers = answers(service, None)
     assert not any(is_person_json(text) for text in base_answers), base_answers
 
-    file_id = service.upload("people.jsonl", jsonl(person_rows(48, seed=1)))
+    # 56 rows, no validation set: 5 are held out for the automatic evaluation, 51 trained on.
+    file_id = service.upload("people.jsonl", jsonl(person_rows(56, seed=1)))
     created = service.create_job(
         dataset_url=file_id, hyperparameters={"n_epochs": 2, "learning_rate": 1e-3}
     )
@@ -58,10 +59,19 @@ def test_default_model_learns_the_trained_format(service: Service) -> None:
 
     curve = service.client.get(f"/jobs/{job['id']}/metrics").json()["data"]
     losses = [point["train_loss"] for point in curve if point["train_loss"] is not None]
-    batch_size = job["hyperparameters"]["batch_size"]  # "auto": chosen for the 48 rows
-    assert len(losses) == job["progress"]["total_steps"] == 2 * math.ceil(48 / batch_size)
+    batch_size = job["hyperparameters"]["batch_size"]  # "auto": chosen for the 51 rows
+    assert len(losses) == job["progress"]["total_steps"] == 2 * math.ceil(51 / batch_size)
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
 
     tuned_answers = answers(service, job["id"])
     hits = [is_person_json(text) for text in tuned_answers]
     assert sum(hits) >= 3, tuned_answers
+
+    # The automatic evaluation saw it too: lower loss on the held-out rows, and the adapter's
+    # sample answers are in the trained format where the base model's are not.
+    evaluation = job["evaluation"]
+    assert evaluation["split"] == "held_out" and evaluation["rows"] == 5
+    assert evaluation["adapter_eval_loss"] < 0.5 * evaluation["base_eval_loss"], evaluation
+    samples = evaluation["samples"]
+    assert sum(is_person_json(sample["adapter"]) for sample in samples) >= 2, samples
+    assert not any(is_person_json(sample["base"]) for sample in samples), samples
