@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from app.errors import TuneserveError
+from app.cli.common import JsonOption, console, err_console, fail, list_table, print_json
 
 keys_app = typer.Typer(help="API keys (run where the database is reachable).", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _fail(exc: TuneserveError) -> typer.Exit:
-    err_console.print(f"[red]error:[/red] {exc.message}")
-    return typer.Exit(1)
 
 
 @keys_app.command("create")
@@ -34,6 +24,7 @@ def keys_create(
 ) -> None:
     """Make a key and print it once (the last line of output); only its hash is stored."""
     from app.db import unit_of_work
+    from app.errors import TuneserveError
     from app.keys.service import create_key
     from app.migrate import upgrade_database
 
@@ -42,7 +33,7 @@ def keys_create(
         with unit_of_work() as session:
             new = create_key(session, name=name, owner=owner)
     except TuneserveError as exc:
-        raise _fail(exc) from exc
+        fail(exc.message)
     err_console.print(
         f"created {new.row.id} (name {new.row.name}, owner {new.row.owner}). The key is shown "
         "only this once; store it now:"
@@ -53,7 +44,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(
     revoked: Annotated[bool, typer.Option("--revoked", help="Include revoked keys.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """List keys (never the keys themselves: their id, owner and first characters)."""
     from app.db import unit_of_work
@@ -74,12 +65,9 @@ def keys_list(
             for row in rows
         ]
     if as_json:
-        console.print_json(json.dumps({"object": "list", "data": found}))
+        print_json({"object": "list", "data": found})
         return
-    table = Table()
-    table.add_column("id", no_wrap=True)  # whole: `keys revoke` needs it
-    for column in ("name", "owner", "key starts", "created", "last used", "revoked"):
-        table.add_column(column)
+    table = list_table("id", "name", "owner", "key starts", "created", "last used", "revoked")
     for key in found:
         table.add_row(
             key["id"],
@@ -97,6 +85,7 @@ def keys_list(
 def keys_revoke(key_id: str) -> None:
     """Revoke a key: requests with it get 401 from now on."""
     from app.db import unit_of_work
+    from app.errors import TuneserveError
     from app.keys.service import revoke_key
 
     try:
@@ -104,5 +93,5 @@ def keys_revoke(key_id: str) -> None:
             row = revoke_key(session, key_id)
             owner = row.owner
     except TuneserveError as exc:
-        raise _fail(exc) from exc
+        fail(exc.message)
     console.print(f"revoked {key_id} (owner {owner})")

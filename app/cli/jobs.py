@@ -1,0 +1,383 @@
+"""`tuneserve jobs`: submit, plan, watch and inspect fine-tuning jobs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from app.cli.client import Client
+from app.cli.common import (
+    AfterOption,
+    JsonOption,
+    LimitOption,
+    UrlOption,
+    call,
+    console,
+    err_console,
+    existing_file,
+    fail,
+    human_seconds,
+    make_client,
+    more_hint,
+    note,
+    print_json,
+    when,
+)
+from app.cli.job_views import (
+    job_line,
+    job_summary,
+    jobs_table,
+    metrics_table,
+    plan_summary,
+)
+from app.cli.transfer import upload_file
+
+jobs_app = typer.Typer(help="Fine-tuning jobs.", no_args_is_help=True)
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+POLL_SECONDS = 0.5
+AUTO = "auto"
+
+# The options of a job, shared by `jobs create` and `jobs plan`.
+DatasetOption = Annotated[
+    str,
+    typer.Option(help="Training set: a local .jsonl file (uploaded first), a file id or a URL."),
+]
+BaseModelOption = Annotated[
+    str | None, typer.Option(help="Base model (`tuneserve models`; default model if omitted).")
+]
+ValidationOption = Annotated[
+    str | None, typer.Option(help="Validation set: a local file, a file id or a URL.")
+]
+EpochsOption = Annotated[
+    str | None, typer.Option(metavar="N|auto", help="Passes over the data (n_epochs).")
+]
+LearningRateOption = Annotated[
+    str | None, typer.Option(metavar="LR|auto", help="Peak learning rate.")
+]
+BatchSizeOption = Annotated[
+    str | None, typer.Option(metavar="N|auto", help="Examples per device step.")
+]
+MaxSeqLengthOption = Annotated[int | None, typer.Option(help="Tokens per example.")]
+LoraROption = Annotated[int | None, typer.Option("--lora-r", help="LoRA rank.")]
+LoraAlphaOption = Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha.")]
+SeedOption = Annotated[int | None, typer.Option(help="Seed of data order and LoRA init.")]
+SuffixOption = Annotated[str | None, typer.Option(help="Added to the adapter name.")]
+MetadataOption = Annotated[
+    list[str] | None,
+    typer.Option("--metadata", metavar="KEY=VALUE", help="A label kept with the job; repeatable."),
+]
+WebhookUrlOption = Annotated[
+    str | None, typer.Option(help="POSTed a signed event when the job ends.")
+]
+WebhookSecretOption = Annotated[
+    str | None,
+    typer.Option(help="Secret the webhook requests are signed with (default: one is made)."),
+]
+
+
+def _auto_or(value: str | None, kind: type[int] | type[float], option: str) -> Any:
+    if value is None or value == AUTO:
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{value!r} is not {'a whole number' if kind is int else 'a number'} or auto",
+            param_hint=option,
+        ) from None
+
+
+def _metadata(pairs: list[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    found = {}
+    for pair in pairs:
+        key, sign, value = pair.partition("=")
+        if not sign:
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--metadata")
+        found[key] = value
+    return found
+
+
+def _dataset(client: Client, value: str) -> str:
+    """A local file is uploaded (its file id is used); a file id or URL is used as given."""
+    path = Path(value).expanduser()
+    if not path.is_file() and value.startswith(("file-", "http://", "https://", "file://")):
+        return value
+    if not path.exists():
+        fail(f"no such dataset file: {value} (give a local file, a file id or a URL)")
+    path = existing_file(value, "dataset file")
+    uploaded = upload_file(client, path)
+    note(f"uploaded {path} as {uploaded['id']} ({uploaded['bytes']} bytes)")
+    return str(uploaded["id"])
+
+
+def job_body(
+    client: Client,
+    *,
+    dataset: str,
+    base_model: str | None,
+    validation: str | None,
+    epochs: str | None,
+    learning_rate: str | None,
+    batch_size: str | None,
+    max_seq_length: int | None,
+    lora_r: int | None,
+    lora_alpha: int | None,
+    seed: int | None,
+    suffix: str | None,
+    metadata: list[str] | None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
+) -> dict[str, Any]:
+    """The POST /jobs body of the options; what is not given is left to the api's defaults.
+    The options are checked before a local dataset is uploaded."""
+    hyperparameters = {
+        "n_epochs": _auto_or(epochs, int, "--epochs"),
+        "learning_rate": _auto_or(learning_rate, float, "--learning-rate"),
+        "batch_size": _auto_or(batch_size, int, "--batch-size"),
+        "max_seq_length": max_seq_length,
+        "seed": seed,
+    }
+    lora = {"r": lora_r, "alpha": lora_alpha}
+    optional = {
+        "base_model": base_model,
+        "suffix": suffix,
+        "metadata": _metadata(metadata),
+        "webhook_url": webhook_url,
+        "webhook_secret": webhook_secret,
+        "hyperparameters": {k: v for k, v in hyperparameters.items() if v is not None},
+        "lora": {k: v for k, v in lora.items() if v is not None},
+    }
+    body: dict[str, Any] = {"dataset_url": _dataset(client, dataset)}
+    if validation:
+        body["validation_url"] = _dataset(client, validation)
+    body.update({key: value for key, value in optional.items() if value})
+    return body
+
+
+def follow_job(client: Client, job_id: str) -> dict[str, Any]:
+    """Live progress bar (step/total, loss, ETA) on stderr until the job ends. Ctrl-C stops
+    watching, not the job."""
+    columns = (
+        TextColumn("[bold]{task.fields[status]}[/bold]"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("ETA {task.fields[eta]}"),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=err_console) as bar:
+            task = bar.add_task(job_id, total=1, status="queued", loss="-", eta="-")
+            while True:
+                job: dict[str, Any] = call(client, "GET", f"/jobs/{job_id}")
+                progress = job.get("progress") or {}
+                loss = progress.get("train_loss")
+                eta = progress.get("eta_seconds")
+                bar.update(
+                    task,
+                    total=progress.get("total_steps") or 1,
+                    completed=progress.get("step", 0),
+                    status=job["status"],
+                    loss=f"{loss:.4f}" if loss is not None else "-",
+                    eta=human_seconds(eta),
+                )
+                if job["status"] in TERMINAL:
+                    return job
+                time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        note(f"stopped watching; the job goes on (`tuneserve jobs follow {job_id}`)")
+        raise typer.Exit(130) from None
+
+
+def _finish(job: dict[str, Any], as_json: bool) -> None:
+    """The outcome of a followed job; exit status 1 unless it succeeded."""
+    if as_json:
+        print_json(job)
+    elif job["status"] == "succeeded":
+        adapter = job["adapter"] or {"id": "-", "name": "deleted"}
+        console.print(
+            Text.assemble(("succeeded", "green"), f": adapter {adapter['id']} ({adapter['name']})")
+        )
+    elif job["status"] == "failed":
+        error = job["error"] or {"code": "unknown", "message": "no reason recorded"}
+        console.print(Text.assemble(("failed", "red"), f" ({error['code']}): {error['message']}"))
+    else:
+        console.print(Text(job["status"], style="yellow"))
+    if job["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@jobs_app.command("create")
+def jobs_create(
+    dataset: DatasetOption,
+    base_model: BaseModelOption = None,
+    validation: ValidationOption = None,
+    epochs: EpochsOption = None,
+    learning_rate: LearningRateOption = None,
+    batch_size: BatchSizeOption = None,
+    max_seq_length: MaxSeqLengthOption = None,
+    lora_r: LoraROption = None,
+    lora_alpha: LoraAlphaOption = None,
+    seed: SeedOption = None,
+    suffix: SuffixOption = None,
+    metadata: MetadataOption = None,
+    webhook_url: WebhookUrlOption = None,
+    webhook_secret: WebhookSecretOption = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", help="Show live progress until it ends.")
+    ] = False,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit a fine-tuning job (epochs, learning rate and batch size default to auto)."""
+    client = make_client(url)
+    body = job_body(
+        client,
+        dataset=dataset,
+        base_model=base_model,
+        validation=validation,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        max_seq_length=max_seq_length,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        seed=seed,
+        suffix=suffix,
+        metadata=metadata,
+        webhook_url=webhook_url,
+        webhook_secret=webhook_secret,
+    )
+    job = call(client, "POST", "/jobs", json=body)
+    secret = (job.get("webhook") or {}).get("secret")
+    if secret and not as_json:
+        note(f"webhook secret (shown only now; the webhook requests are signed with it): {secret}")
+    if not follow:
+        print_json(job) if as_json else console.print(job_line(job))
+        return
+    note(f"job {job['id']} submitted")
+    _finish(follow_job(client, job["id"]), as_json)
+
+
+@jobs_app.command("plan")
+def jobs_plan(
+    dataset: DatasetOption,
+    base_model: BaseModelOption = None,
+    validation: ValidationOption = None,
+    epochs: EpochsOption = None,
+    learning_rate: LearningRateOption = None,
+    batch_size: BatchSizeOption = None,
+    max_seq_length: MaxSeqLengthOption = None,
+    lora_r: LoraROption = None,
+    lora_alpha: LoraAlphaOption = None,
+    seed: SeedOption = None,
+    suffix: SuffixOption = None,
+    metadata: MetadataOption = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Dry run: the steps, time, peak memory and problems of a job, without running it."""
+    client = make_client(url)
+    body = job_body(
+        client,
+        dataset=dataset,
+        base_model=base_model,
+        validation=validation,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        max_seq_length=max_seq_length,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        seed=seed,
+        suffix=suffix,
+        metadata=metadata,
+    )
+    plan = call(client, "POST", "/jobs/plan", json=body)
+    print_json(plan) if as_json else console.print(plan_summary(plan))
+
+
+@jobs_app.command("list")
+def jobs_list(
+    limit: LimitOption = 20,
+    after: AfterOption = None,
+    status: Annotated[str | None, typer.Option(help="Only jobs with this status.")] = None,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit, "after": after, "status": status}
+    page = call(make_client(url), "GET", "/jobs", params={k: v for k, v in params.items() if v})
+    if as_json:
+        print_json(page)
+        return
+    console.print(jobs_table(page["data"]))
+    more_hint(page, "id")
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str, url: UrlOption = None, as_json: JsonOption = False) -> None:
+    """Show one job: status, progress, losses, adapter, error, dataset and evaluation."""
+    job = call(make_client(url), "GET", f"/jobs/{job_id}")
+    print_json(job) if as_json else console.print(job_summary(job))
+
+
+@jobs_app.command("follow")
+def jobs_follow(job_id: str, url: UrlOption = None, as_json: JsonOption = False) -> None:
+    """Live progress of a job until it ends; exits 1 unless it succeeded."""
+    _finish(follow_job(make_client(url), job_id), as_json)
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, url: UrlOption = None, as_json: JsonOption = False) -> None:
+    """Cancel a job (a running one stops within about one training step)."""
+    job = call(make_client(url), "POST", f"/jobs/{job_id}/cancel")
+    print_json(job) if as_json else console.print(job_line(job))
+
+
+@jobs_app.command("events")
+def jobs_events(
+    job_id: str,
+    after: Annotated[int, typer.Option(min=0, help="Only events after this seq.")] = 0,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="How many, at most.")] = 1000,
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A job's event log, oldest first."""
+    page = call(
+        make_client(url),
+        "GET",
+        f"/jobs/{job_id}/events",
+        params={"after": after, "limit": limit},
+    )
+    if as_json:
+        print_json(page)
+        return
+    for event in page["data"]:
+        line = Text(f"{when(event['created_at'])}  {event['type']:<24} {event['message']}")
+        if event["level"] in ("warning", "error"):
+            line.stylize("yellow" if event["level"] == "warning" else "red")
+        console.print(line)
+    more_hint(page, "seq")
+
+
+@jobs_app.command("metrics")
+def jobs_metrics(job_id: str, url: UrlOption = None, as_json: JsonOption = False) -> None:
+    """A job's loss curve: step, train and eval loss, learning rate, tokens per second."""
+    page = call(make_client(url), "GET", f"/jobs/{job_id}/metrics")
+    if as_json:
+        print_json(page)
+        return
+    if not page["data"]:
+        note(f"no metrics yet for {job_id}")
+        return
+    console.print(metrics_table(page["data"]))
