@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
+from app.logs import configure_logging
 from app.settings import get_settings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,37 @@ def make_celery() -> Celery:
 
 
 celery_app = make_celery()
+
+
+# Logging of the worker: tuneserve's (JSON lines by default, TUNESERVE_LOG_FORMAT), not Celery's.
+@signals.celeryd_init.connect  # type: ignore[untyped-decorator]
+def _log_from_the_start(instance: Any, **_: Any) -> None:
+    # Before Celery's first words (its check of privileges may warn), and without its banner,
+    # whose many lines are not JSON: _log_start says the same in one line.
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.log_format == "json":
+        instance.quiet = True
+
+
+@signals.setup_logging.connect  # type: ignore[untyped-decorator]
+def _setup_logging(**_: Any) -> None:
+    # With a receiver here Celery neither configures logging nor sends stdout and stderr to a
+    # logger: both are done here instead, so what a job prints (progress bars, libraries'
+    # output) becomes log lines that carry the job id too.
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    if celery_app.conf.worker_redirect_stdouts:
+        celery_app.log.redirect_stdouts(celery_app.conf.worker_redirect_stdouts_level)
+
+
+@signals.celeryd_after_setup.connect  # type: ignore[untyped-decorator]
+def _log_start(sender: str, instance: Any, **_: Any) -> None:
+    if get_settings().log_format == "json":
+        with instance.app.connection_for_read() as connection:
+            broker = connection.as_uri()  # without the password
+        queues = ", ".join(sorted(instance.app.amqp.queues))
+        logger.info("worker %s consuming %s from %s", sender, queues, broker)
 
 
 def enqueue_job(job_id: str, queue: str = TRAINING_QUEUE) -> None:

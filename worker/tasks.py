@@ -6,6 +6,7 @@ import logging
 
 from celery.exceptions import Reject
 
+from app.logs import job_logging
 from worker.celery_app import RUN_JOB_TASK, celery_app
 
 logger = logging.getLogger(__name__)
@@ -18,4 +19,5 @@ def run_job(job_id: str) -> None:
 
     if shutting_down.is_set():
         raise Reject("this worker is shutting down", requeue=True)
-    run(job_id)
+    with job_logging(job_id):  # every line logged while it runs says which job
+        run(job_id)

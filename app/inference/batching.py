@@ -24,6 +24,7 @@ import torch
 from app.inference.lora import NO_ADAPTER, AdapterWeights, LoraSlots, read_adapter
 from app.inference.schemas import FinishReason
 from app.inference.stops import StopScanner
+from app.observability.metrics import InferenceMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,11 @@ class _Row:
 class Batcher:
     """The decode loop of one base model (see the module docstring)."""
 
-    def __init__(self, model: Any, tokenizer: Any, adapter_slots: int, name: str) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, adapter_slots: int, name: str, metrics: InferenceMetrics
+    ) -> None:
         self.model = model
+        self.metrics = metrics  # adapter cache hits, misses and evictions
         self.tokenizer = tokenizer
         self.slots = LoraSlots(model, adapter_slots)
         self.recent: OrderedDict[str, None] = OrderedDict()  # adapters in slots, LRU first
@@ -144,6 +148,7 @@ class Batcher:
             return NO_ADAPTER
         if key in self.slots.slot_of:
             self.recent.move_to_end(key)
+            self.metrics.adapter_cache_hits.inc()
             return self.slots.slot_of[key]
         slot = self.slots.free_slot()
         if slot is None:
@@ -153,6 +158,7 @@ class Batcher:
                 return None
             self.slots.remove(idle)
             del self.recent[idle]
+            self.metrics.adapter_cache_evictions.inc()
             logger.info("evicted adapter %s", idle)
             slot = self.slots.free_slot()
             assert slot is not None
@@ -160,6 +166,7 @@ class Batcher:
         request.adapter_weights = None  # in a slot now: the copy is not needed any more
         self.slots.install(weights, slot)
         self.recent[key] = None
+        self.metrics.adapter_cache_misses.inc()
         logger.info("loaded adapter %s into slot %d", key, slot)
         return slot
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from app.base_models.loading import load_causal_lm, load_tokenizer
 from app.base_models.registry import BaseModel
@@ -28,6 +31,7 @@ from app.inference.batching import FINISHED, Batcher, Delta, Done, Request
 from app.inference.lora import read_adapter
 from app.inference.schemas import FinishReason
 from app.inference.stops import StopScanner
+from app.observability.metrics import InferenceMetrics
 from app.settings import Settings
 from app.storage import artifact_store
 
@@ -94,8 +98,10 @@ class LoadedModel:
 
 
 class InferenceEngine:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: InferenceMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics or InferenceMetrics(CollectorRegistry())  # counted, not served
+        self.metrics.adapter_cache_slots_used.set_function(self.adapter_slots_used)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._loading = threading.Lock()
 
@@ -112,16 +118,23 @@ class InferenceEngine:
             key for loaded in list(self._models.values()) for key in loaded.batcher.slots.slot_of
         )
 
+    def adapter_slots_used(self) -> int:
+        return sum(len(loaded.batcher.slots.slot_of) for loaded in list(self._models.values()))
+
     def generate(self, request: Generation) -> GenerationResult:
         """The whole generation at once: `stream` drained (bad requests raise as there)."""
-        with self.stream(request) as stream:
+        with self.stream(request, streamed=False) as stream:
             for item in stream:
                 if isinstance(item, GenerationResult):
                     return item
         raise RuntimeError("the generation ended without a result")
 
     def stream(
-        self, request: Generation, cancelled: threading.Event | None = None
+        self,
+        request: Generation,
+        cancelled: threading.Event | None = None,
+        *,
+        streamed: bool = True,
     ) -> GenerationStream:
         """Check the request and let it join its model's batch; iterate the answer for
         `TextDelta` pieces, then one `GenerationResult`.
@@ -129,8 +142,9 @@ class InferenceEngine:
         Bad requests (empty prompt, prompt plus max_new_tokens over the context, an adapter
         without safetensors or made for another model) raise here. Setting `cancelled`, or
         closing the stream, drops the request from the batch at the next step; a cancelled
-        stream ends without a `GenerationResult`.
+        stream ends without a `GenerationResult`. `streamed` only labels the latency metric.
         """
+        started = time.monotonic()
         loaded = self._loaded(request.base_model)
         prompt_ids = self._encode(loaded, request)
         if not prompt_ids:
@@ -163,7 +177,17 @@ class InferenceEngine:
             cancelled=cancelled or threading.Event(),
         )
         loaded.batcher.inbox.put(job)
-        return GenerationStream(job, loaded.batcher.thread)
+
+        def observe(result: GenerationResult) -> None:
+            self.metrics.observe_generation(
+                adapter=key is not None,
+                streamed=streamed,
+                seconds=time.monotonic() - started,
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+            )
+
+        return GenerationStream(job, loaded.batcher.thread, on_result=observe)
 
     def _adapter_dir(self, path: str) -> Path:
         store = artifact_store(self.settings)
@@ -198,7 +222,9 @@ class InferenceEngine:
         model.eval()  # type: ignore[no-untyped-call]
         tokenizer = load_tokenizer(self.settings, base_model)
         context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-        batcher = Batcher(model, tokenizer, self.settings.adapter_cache_size, base_model.name)
+        batcher = Batcher(
+            model, tokenizer, self.settings.adapter_cache_size, base_model.name, self.metrics
+        )
         logger.info("loaded base model %s (%s)", base_model.name, dtype)
         return LoadedModel(model, tokenizer, batcher, context, dtype)
 
@@ -231,9 +257,15 @@ class GenerationStream(Iterator[StreamItem]):
     `next()` waits.
     """
 
-    def __init__(self, request: Request, worker: threading.Thread) -> None:
+    def __init__(
+        self,
+        request: Request,
+        worker: threading.Thread,
+        on_result: Callable[[GenerationResult], None] | None = None,
+    ) -> None:
         self._request = request
         self._worker = worker
+        self._on_result = on_result
         self._done = False
 
     def __next__(self) -> StreamItem:
@@ -249,12 +281,15 @@ class GenerationStream(Iterator[StreamItem]):
                 return TextDelta(item.text)
             self._done = True
             if isinstance(item, Done):
-                return GenerationResult(
+                result = GenerationResult(
                     text=item.text,
                     finish_reason=item.finish_reason,
                     prompt_tokens=item.prompt_tokens,
                     completion_tokens=item.completion_tokens,
                 )
+                if self._on_result is not None:
+                    self._on_result(result)
+                return result
             if isinstance(item, BaseException):
                 raise item
             assert item is FINISHED

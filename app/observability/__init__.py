@@ -1,0 +1,1 @@
+"""Metrics (GET /metrics, Prometheus) and readiness (GET /readyz) of the api."""
