@@ -7,6 +7,7 @@ loop reads `cancel_requested_at` once a second so training stops within about on
 from __future__ import annotations
 
 import logging
+import contextvars
 import threading
 import time
 
@@ -29,7 +30,11 @@ class Heartbeat:
         # Once stop_requested is set: "cancelled", "claim_lost" or "shutdown" (SIGTERM).
         self.reason: str | None = None
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        # Run in a copy of the starting thread's context: its log lines carry the job id.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name=f"heartbeat-{job_id}", daemon=True
+        )
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
