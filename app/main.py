@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.responses import RedirectResponse
 
 from app import __doc__ as summary
 from app.adapters.endpoints import router as adapters_router
@@ -64,6 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, dependencies=authenticated, responses=OPENAI_ERROR_RESPONSES)
     # The dashboard's pages are public: they hold no data and call the API with the user's key.
     app.include_router(ui_router)
+
+    @app.get("/", include_in_schema=False)
+    def home() -> RedirectResponse:
+        return RedirectResponse("/ui")
 
     @app.get("/healthz", tags=["health"], summary="The process is up")
     def healthz() -> dict[str, str]:

@@ -3,8 +3,8 @@ the jobs table go live, watch a running job's loss curve grow, then compare the 
 an adapter's answers in the playground.
 
 Debian's chromium is driven by Playwright (never a downloaded browser). Screenshots of every
-page go to $TUNESERVE_SCREENSHOT_DIR, or a temporary directory; scripts/screenshots.py copies
-the best ones into docs/img.
+page go to $TUNESERVE_SCREENSHOT_DIR, or a temporary directory named at the end of the run
+(docs/img is made by scripts/screenshots.py, on the default model).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from tests.browser import CHROMIUM, launch_chromium
 from tests.corpus import arithmetic_rows, jsonl
 from tests.fixtures.service import TERMINAL, Service, local_key_headers
 
-# The tiny model takes about half a second a step at batch size 1 on two cores: 200 steps are
-# far more than the test watches; it cancels the job once the curve has grown.
-LONG_JOB = {"n_epochs": 1, "batch_size": 1, "max_seq_length": 64, "eval_every_steps": 4}
+# The tiny model takes 0.1 to 0.5 s a step at batch size 1 on two cores: 600 steps are far
+# more than the test watches; it cancels the job once the curve has grown.
+LONG_JOB = {"n_epochs": 2, "batch_size": 1, "max_seq_length": 64, "eval_every_steps": 4}
+LONG_STEPS = 600
 SMALL_JOB = {"n_epochs": 1, "batch_size": 4, "max_seq_length": 64}
 PROMPT = "What is 21 plus 21?"
+MARKUP = '<img src=x onerror="document.body.dataset.injected=1"><b>bold?</b>'
 SLOW = 120_000  # ms: a job waiting behind another, model loading on a busy machine
 
 pytestmark = pytest.mark.skipif(
@@ -43,9 +45,12 @@ def screenshots(
     directory = Path(configured) if configured else tmp_path_factory.mktemp("screenshots")
     directory.mkdir(parents=True, exist_ok=True)
     yield directory
+    # Past output capture, so the run names the directory even when it passes.
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"dashboard screenshots: {directory}")
+    if capture is not None and reporter is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\ndashboard screenshots: {directory}")
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +87,11 @@ def jobs(service: Service, tiny_model: str) -> Iterator[dict[str, str]]:
         dataset_url=service.upload("sums.jsonl", jsonl(arithmetic_rows(8))),
         hyperparameters=SMALL_JOB,
         suffix="sums",
+        metadata={"note": MARKUP},
     )
     long = service.create_job(
         base_model=tiny_model,
-        dataset_url=service.upload("many-sums.jsonl", jsonl(arithmetic_rows(200))),
+        dataset_url=service.upload("many-sums.jsonl", jsonl(arithmetic_rows(300))),
         validation_url=service.upload("held-sums.jsonl", jsonl(arithmetic_rows(4))),
         hyperparameters=LONG_JOB,
         suffix="long",
@@ -117,7 +123,8 @@ def shoot(page: Page, directory: Path, name: str) -> None:
 def test_sign_in_and_watch_the_jobs_table(
     page: Page, jobs: dict[str, str], screenshots: Path
 ) -> None:
-    page.goto("/ui")
+    page.goto("/")  # the service's root opens the dashboard
+    expect(page).to_have_url(re.compile(r"/ui$"))
     sign_in = page.get_by_role("heading", name="Sign in")
     expect(sign_in).to_be_visible()
     expect(page.locator("#jobs")).to_be_hidden()
@@ -144,7 +151,7 @@ def test_sign_in_and_watch_the_jobs_table(
     expect(small.locator(".badge")).to_have_text("succeeded", timeout=SLOW)
     expect(small).to_contain_text(f":sums:{jobs['small']}")  # the adapter's name
     expect(long.locator(".badge")).to_have_text("running", timeout=SLOW)
-    expect(long.get_by_role("progressbar")).to_contain_text(" / 200 steps", timeout=SLOW)
+    expect(long.get_by_role("progressbar")).to_contain_text(f" / {LONG_STEPS} steps", timeout=SLOW)
     shoot(page, screenshots, "dashboard-jobs")
 
     page.get_by_role("link", name=jobs["long"]).click()
@@ -171,11 +178,11 @@ def test_running_job_shows_its_loss_curve_growing(
     )
     assert train_points(page) >= first + 3
     expect(status).to_have_text("running")
-    expect(page.get_by_role("progressbar")).to_contain_text(" / 200 steps")
+    expect(page.get_by_role("progressbar")).to_contain_text(f" / {LONG_STEPS} steps")
     expect(page.locator("#loss-chart circle.eval-point").first).to_be_visible(timeout=30_000)
 
     expect(fact(page, "#dataset", "File")).to_have_text("many-sums.jsonl")
-    expect(fact(page, "#dataset", "Rows")).to_have_text("200")
+    expect(fact(page, "#dataset", "Rows")).to_have_text("300")
     expect(fact(page, "#dataset", "Format")).to_have_text("chat")
     expect(fact(page, "#dataset", "Validation set")).to_contain_text("4 rows")
     expect(fact(page, "#dataset", "sha256")).to_have_text(re.compile("^[0-9a-f]{64}$"))
@@ -184,11 +191,11 @@ def test_running_job_shows_its_loss_curve_growing(
     events = page.locator("#events")
     for seen in ("job.created", "job.dataset_validated", "job.training_started"):
         expect(events).to_contain_text(seen)
-    expect(events).to_contain_text("Training started: 200 steps.")
+    expect(events).to_contain_text(f"Training started: {LONG_STEPS} steps.")
     plan = page.locator("#plan")
     expect(plan).not_to_contain_text("Loading the plan")
     if page.locator("#plan-unavailable").count() == 0:  # GET /jobs/{id}/plan exists
-        expect(fact(page, "#plan", "Steps")).to_have_text("200")
+        expect(fact(page, "#plan", "Steps")).to_have_text(str(LONG_STEPS))
         expect(plan.locator("mark.trained").first).to_be_visible()
     else:
         expect(plan).to_contain_text("Plan unavailable")
@@ -210,6 +217,10 @@ def test_playground_shows_base_and_adapter_answers(
     expect(page.locator("#job-status .badge")).to_have_text("succeeded")
     expect(page.get_by_role("progressbar")).to_contain_text("2 / 2 steps")
     expect(page.locator("#loss-chart polyline.train")).to_be_visible()
+    # What users wrote is shown as text, never run as markup.
+    expect(fact(page, "#job-summary", "metadata.note")).to_have_text(MARKUP)
+    assert page.locator("main img, main b").count() == 0
+    assert page.evaluate("document.body.dataset.injected") is None
     if job.get("evaluation"):
         evaluation = page.locator("#evaluation")
         expect(evaluation).to_contain_text("Base model eval loss")
@@ -245,6 +256,9 @@ def test_playground_shows_base_and_adapter_answers(
     expect(page.locator("#base-answer .model-name")).to_have_text(job["base_model"])
     expect(page.locator("#adapter-answer .model-name")).to_have_text(job["adapter"]["name"])
     shoot(page, screenshots, "dashboard-playground")
+
+    page.goto("/ui/jobs/ftjob-nobody-made")
+    expect(page.locator("#job-errors")).to_contain_text("No job 'ftjob-nobody-made'")
 
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_role("heading", name="Sign in")).to_be_visible()

@@ -86,7 +86,8 @@ export function startPage(main) {
 }
 
 // Call `tick` now and again after each answer: every `seconds()` seconds, until it returns
-// false or the user signs out. A failed tick shows its message in `errors` and is retried.
+// false, the user signs out (401) or what it follows is not there (404). Any other failure
+// shows its message in `errors` and is retried.
 export function poll(tick, seconds, errors) {
   const run = async () => {
     let again = true;
@@ -96,6 +97,7 @@ export function poll(tick, seconds, errors) {
     } catch (failure) {
       if (failure.status === 401) return;
       showError(errors, failure.message);
+      if (failure.status === 404) return;
     }
     if (again !== false) setTimeout(run, seconds() * 1000);
   };
@@ -217,6 +219,16 @@ export function formatBytes(bytes) {
     unit += 1;
   }
   return `${unit === 0 ? value : value.toFixed(1)} ${units[unit]}`;
+}
+
+export function formatShortTime(iso) {
+  if (!iso) return "—";
+  return new Date(iso).toLocaleString(undefined, {
+    month: "short",
+    day: "numeric",
+    hour: "2-digit",
+    minute: "2-digit",
+  });
 }
 
 export function formatTime(iso) {

@@ -348,6 +348,7 @@ function drawJob(job) {
 
 function main() {
   const errors = byId("job-errors");
+  byId("job-id").textContent = jobId;
   byId("cancel-job").addEventListener("click", async () => {
     if (!window.confirm(`Cancel ${jobId}? Training stops at the next step.`)) return;
     try {
@@ -360,17 +361,7 @@ function main() {
   let finalRefresh = true; // once more after the end, for points and events written last
   poll(
     async () => {
-      let job;
-      try {
-        job = await api(jobPath);
-      } catch (failure) {
-        if (failure.status === 404) {
-          byId("job-id").textContent = jobId;
-          showError(errors, failure.message);
-          return false;
-        }
-        throw failure;
-      }
+      const job = await api(jobPath);
       const [metrics, events] = await Promise.all([
         api(`${jobPath}/metrics`),
         api(`${jobPath}/events?after=${lastSeq}&limit=1000`),

@@ -6,6 +6,7 @@ import {
   el,
   formatDuration,
   formatLoss,
+  formatShortTime,
   formatTime,
   poll,
   progressBar,
@@ -40,7 +41,11 @@ function jobRow(job) {
       `${formatLoss(progress.train_loss)} / ${formatLoss(progress.eval_loss)}`,
     ),
     el("td", { class: "number" }, eta),
-    el("td", {}, formatTime(job.created_at)),
+    el(
+      "td",
+      { class: "nowrap", title: formatTime(job.created_at) },
+      formatShortTime(job.created_at),
+    ),
   );
 }
 
