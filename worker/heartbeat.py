@@ -6,8 +6,8 @@ loop reads `cancel_requested_at` once a second so training stops within about on
 
 from __future__ import annotations
 
-import logging
 import contextvars
+import logging
 import threading
 import time
 
