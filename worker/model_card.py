@@ -154,7 +154,8 @@ def model_card(facts: dict[str, Any]) -> str:
             f"| base | {evaluation['base_eval_loss']:.4f} |",
             f"| adapter | {evaluation['adapter_eval_loss']:.4f} |",
             "",
-            f"The adapter's loss is {evaluation['improvement']:.1%} lower than the base model's.",
+            f"The adapter's eval loss is {abs(evaluation['improvement']):.1%} "
+            f"{'lower' if evaluation['improvement'] >= 0 else 'higher'} than the base model's.",
         ]
         for sample in evaluation["samples"]:
             lines += [

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from datetime import timedelta
 
 from sqlalchemy import or_, select, update
@@ -87,28 +86,37 @@ def reap_lost_jobs(settings: Settings) -> dict[str, list[str]]:
     return outcome
 
 
+def send_webhooks(settings: Settings, stop: threading.Event) -> None:
+    """Until stop: send the webhooks that are due, every webhook poll interval."""
+    while not stop.is_set():
+        try:
+            deliver_due(settings)
+        except Exception:
+            logger.exception("sending webhooks failed; trying again next interval")
+        stop.wait(settings.webhook_poll_seconds)
+
+
 def run_scheduler(stop: threading.Event | None = None) -> None:
-    """Until stop: look for lost jobs every reaper interval, send due webhooks every webhook
-    poll interval."""
+    """Until stop: look for lost jobs every reaper interval; webhooks go out from a thread of
+    their own, so a slow receiver or a wait on the database never delays a reaper pass (a pass
+    delayed past a database outage would see every heartbeat as stale)."""
     settings = get_settings()
     stop = stop or threading.Event()
+    webhooks = threading.Thread(
+        target=send_webhooks, args=(settings, stop), name="webhooks", daemon=True
+    )
+    webhooks.start()
     logger.info(
         "scheduler: checking for lost jobs every %g s, sending webhooks every %g s",
         settings.reaper_interval_seconds,
         settings.webhook_poll_seconds,
     )
-    next_reap = 0.0
     while not stop.is_set():
-        if time.monotonic() >= next_reap:
-            next_reap = time.monotonic() + settings.reaper_interval_seconds
-            try:
-                outcome = reap_lost_jobs(settings)
-                if any(outcome.values()):
-                    logger.info("scheduler: %s", outcome)
-            except Exception:
-                logger.exception("scheduler pass failed; trying again next interval")
         try:
-            deliver_due(settings)
+            outcome = reap_lost_jobs(settings)
+            if any(outcome.values()):
+                logger.info("scheduler: %s", outcome)
         except Exception:
-            logger.exception("sending webhooks failed; trying again next interval")
-        stop.wait(min(settings.webhook_poll_seconds, max(next_reap - time.monotonic(), 0.0)))
+            logger.exception("scheduler pass failed; trying again next interval")
+        stop.wait(settings.reaper_interval_seconds)
+    webhooks.join(timeout=settings.webhook_timeout_seconds + 5)

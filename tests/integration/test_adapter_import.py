@@ -106,6 +106,7 @@ def adapter_files(downloaded: bytes, trained: dict[str, Any]) -> Files:
             f"{folder}/README.md",
             f"{folder}/adapter_config.json",
             f"{folder}/adapter_model.safetensors",
+            f"{folder}/tuneserve_manifest.json",
         ]
         return {
             name.split("/", 1)[1]: archive.extractfile(name).read()  # type: ignore[union-attr]

@@ -38,6 +38,9 @@ FAULT_ENV = {
     "TUNESERVE_STALE_JOB_SECONDS": "4",
     "TUNESERVE_REQUEUE_QUEUED_AFTER_SECONDS": "4",
     "TUNESERVE_REAPER_INTERVAL_SECONDS": "1",
+    # Failures are the subject here, not results: the automatic evaluation (tested on its own in
+    # test_evaluation.py) would add a model load to each of these many jobs.
+    "TUNESERVE_AUTO_EVAL_ROWS": "0",
 }
 # Enough tiny-model steps to kill a worker between two checkpoints.
 LONG_JOB = {"n_epochs": 6, "batch_size": 1, "max_seq_length": 64, "checkpoint_every_steps": 10}
