@@ -9,13 +9,12 @@ from typing import Any, cast
 
 from sqlalchemy import select
 
-from app.db import unit_of_work, utcnow
+from app.db import unit_of_work
 from app.evaluation.split import held_out_rows, split_records
-from app.ids import new_id
-from app.jobs.models import Job, JobEvent, JobStatus
-from app.migrate import upgrade_database
+from app.jobs.models import JobEvent, JobStatus
 from app.settings import get_settings
 from tests.corpus import arithmetic_rows
+from tests.jobs_in_sql import insert_job
 from worker.datasets import PreparedDatasets
 from worker.evaluation import sample_prompt
 from worker.runner import JobContext, _evaluate
@@ -76,23 +75,7 @@ def test_a_sample_asks_the_conversation_before_the_last_answer() -> None:
 
 
 def test_a_failed_evaluation_is_reported_and_keeps_the_adapter(tmp_path: Path) -> None:
-    upgrade_database()
-    job_id = new_id("ftjob")
-    with unit_of_work() as session:
-        session.add(
-            Job(
-                id=job_id,
-                owner="evaluation-tests",
-                status=JobStatus.RUNNING,
-                base_model="tiny",
-                dataset_url="file-x",
-                hyperparameters={"seed": 0},
-                lora={"r": 8},
-                attempt=1,
-                event_seq=0,
-                created_at=utcnow(),
-            )
-        )
+    job_id = insert_job(JobStatus.RUNNING, "evaluation-tests", attempt=1)
     rows = arithmetic_rows(4)
     context = cast(
         JobContext,

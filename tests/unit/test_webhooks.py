@@ -14,14 +14,13 @@ import pytest
 from sqlalchemy import select, update
 
 from app.db import unit_of_work, utcnow
-from app.ids import new_id
-from app.jobs.models import Job, JobEvent, JobStatus
+from app.jobs.models import JobEvent, JobStatus
 from app.jobs.transitions import transition
-from app.migrate import upgrade_database
 from app.settings import Settings, get_settings
 from app.webhooks.models import DeliveryStatus, WebhookDelivery
 from app.webhooks.outbox import backoff_seconds, deliver_due
 from app.webhooks.signing import sign, signature, verify
+from tests.jobs_in_sql import insert_job
 
 SECRET = "whsec_0123456789abcdef0123"
 
@@ -77,26 +76,8 @@ def receiver() -> Iterator[Receiver]:
 
 def _ended_job(url: str) -> str:
     """A job with a webhook, cancelled while queued (the transition queues the delivery)."""
-    upgrade_database()
-    job_id = new_id("ftjob")
+    job_id = insert_job(JobStatus.QUEUED, "webhook-tests", webhook_url=url, webhook_secret=SECRET)
     with unit_of_work() as session:
-        session.add(
-            Job(
-                id=job_id,
-                owner="webhook-tests",
-                status=JobStatus.QUEUED,
-                base_model="tiny",
-                dataset_url="file-x",
-                hyperparameters={"seed": 0},
-                lora={"r": 8},
-                webhook_url=url,
-                webhook_secret=SECRET,
-                attempt=0,
-                event_seq=0,
-                created_at=utcnow(),
-            )
-        )
-        session.flush()
         assert transition(session, job_id, JobStatus.CANCELLED, "Cancelled by the test.")
     return job_id
 
