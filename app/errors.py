@@ -205,6 +205,17 @@ def install_error_handlers(app: FastAPI) -> None:
             {"field": _location(tuple(err["loc"])), "message": err["msg"], "type": err["type"]}
             for err in exc.errors()
         ]
+        unknown = [p for p in problems if p["type"] == "extra_forbidden"]
+        if unknown and request.url.path.startswith(OPENAI_PREFIX):
+            field = unknown[0]["field"]
+            return error_response(
+                request,
+                400,
+                "unsupported_parameter",
+                f"{field}: tuneserve does not support this parameter; leave it out "
+                "(docs/openai.md lists what /v1 supports).",
+                unknown,
+            )
         summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:5])
         return error_response(
             request, 422, "validation_error", f"Invalid request: {summary}", problems

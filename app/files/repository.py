@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
@@ -26,11 +28,22 @@ def get_file_by_idempotency_key(session: Session, *, owner: str, key: str) -> Fi
 
 
 def list_files(
-    session: Session, *, owner: str, limit: int, after: str | None = None
+    session: Session,
+    *,
+    owner: str,
+    limit: int,
+    after: str | None = None,
+    purpose: str | None = None,
+    order: Literal["desc", "asc"] = "desc",
 ) -> tuple[list[File], bool]:
-    """Newest first; `after` is the id of the last file of the previous page."""
+    """Newest first (or oldest, `order="asc"`); `after` is the id of the last file of the
+    previous page."""
     query = select(File).where(File.owner == owner)
-    return newest_first(session, query, File, owner=owner, after=after, limit=limit, noun="file")
+    if purpose is not None:
+        query = query.where(File.purpose == purpose)
+    return newest_first(
+        session, query, File, owner=owner, after=after, limit=limit, noun="file", order=order
+    )
 
 
 def used_by_unfinished_job(session: Session, file_id: str) -> bool:

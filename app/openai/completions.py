@@ -7,6 +7,7 @@ same engine call as the native POST /generate.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from app.inference.targets import Target, record_use, resolve_model
 from app.openai.common import OpenAIRequest, unsupported
 from app.settings import Settings
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 DEFAULT_MAX_TOKENS = 256
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -57,21 +59,44 @@ class StreamOptions(OpenAIRequest):
     include_obfuscation: bool | None = None
 
 
+# Fields of OpenAI's requests that tuneserve takes only at a value that asks for nothing it does
+# not do (what a client that sets every field sends), each with what to do instead.
+NO_OP_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
+    "n": ((1,), "only one choice per request (n=1) is supported"),
+    "best_of": ((1,), "only one candidate per request (best_of=1) is supported"),
+    "frequency_penalty": ((0,), "penalties are not supported; leave it out or at 0"),
+    "presence_penalty": ((0,), "penalties are not supported; leave it out or at 0"),
+    "logit_bias": (({},), "logit_bias is not supported; leave it out"),
+    "logprobs": ((False, 0), "log probabilities are not returned; leave it out"),
+    "top_logprobs": ((0,), "log probabilities are not returned; leave it out"),
+    "echo": ((False,), "echo is not supported; prepend the prompt yourself"),
+    "suffix": (("",), "suffix (insertion) is not supported"),
+    "tools": (([],), "tools (function calling) are not supported"),
+    "tool_choice": (("none",), 'tools are not supported; leave it out or "none"'),
+    "store": ((False,), "completions are not stored; leave it out or false"),
+    "modalities": ((["text"],), 'only text output; leave it out or ["text"]'),
+    "service_tier": (("auto", "default"), 'one tier only; leave it out, "auto" or "default"'),
+}
+
+
 class SamplingRequest(OpenAIRequest):
-    """The parameters chat and text completions share."""
+    """The parameters chat and text completions share. Fields of OpenAI's request that are not
+    here are refused by name (400 unsupported_parameter), never ignored."""
 
     model: str = Field(min_length=1, max_length=300)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)  # 0 keeps the likeliest token only
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=128)
+    # End-user identifiers for abuse monitoring: written to the api's log with each completion.
     user: str | None = Field(None, max_length=256)
+    n: int | None = Field(None, ge=1, le=128)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, int] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -81,29 +106,39 @@ class SamplingRequest(OpenAIRequest):
             raise ValueError("give up to 4 stop sequences of 1 to 100 characters")
         return stops or None
 
+    def end_user(self) -> str | None:
+        return self.user
+
     def check_supported(self) -> None:
-        if self.n not in (None, 1):
-            raise unsupported("n", "n: only one choice per request (n=1) is supported.")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise unsupported(name, f"{name} is not supported; leave it out or at 0.")
+        for name, (no_ops, instead) in NO_OP_VALUES.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in no_ops:
+                raise unsupported(name, f"{name}: {instead}.")
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    safety_identifier: str | None = Field(None, max_length=256)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # no tools run, so none run in parallel
+    store: bool | None = None
+    modalities: list[str] | None = None
+    service_tier: str | None = Field(None, max_length=32)
+
+    def end_user(self) -> str | None:
+        return self.safety_identifier or self.user
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs:
-            raise unsupported("logprobs", "logprobs are not supported.")
-        if self.tools:
-            raise unsupported("tools", "tools (function calling) are not supported.")
         if self.response_format and self.response_format.get("type") != "text":
-            raise unsupported("response_format", 'only response_format {"type": "text"}.')
+            raise unsupported(
+                "response_format", 'response_format: only {"type": "text"} is supported.'
+            )
         for index, message in enumerate(self.messages):
             if message.role not in ROLES:
                 raise InvalidRequest(
@@ -115,16 +150,25 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str = Field(min_length=1, max_length=200_000)
+    prompt: str | list[str] = Field(min_length=1)
+    best_of: int | None = Field(None, ge=0, le=20)
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     suffix: str | None = None
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        for name in ("echo", "logprobs", "suffix"):
-            if getattr(self, name):
-                raise unsupported(name, f"{name} is not supported.")
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("give one prompt: a string, or a list of one string")
+            value = value[0]
+        if not 1 <= len(value) <= 200_000:
+            raise ValueError("the prompt must be 1 to 200000 characters")
+        return value
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
 class Usage(BaseModel):
@@ -158,7 +202,6 @@ class _Completion(BaseModel):
     created: int
     model: str
     usage: Usage
-    system_fingerprint: None = None
 
 
 class ChatCompletion(_Completion):
@@ -264,8 +307,10 @@ class _Chunks:
             "model": self.model,
             "choices": [] if choice is None else [{"index": 0, "logprobs": None, **choice}],
         }
-        if self.include_usage:
-            chunk["usage"] = usage.model_dump() if usage else None
+        if usage is not None:
+            chunk["usage"] = usage.model_dump()
+        elif self.include_usage and self.kind == "chat":
+            chunk["usage"] = None  # chat chunks carry `usage: null` until the last one
         return json.dumps(chunk)
 
     def _piece(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
@@ -292,6 +337,8 @@ async def _answer(
 ) -> GenerationResult | StreamingResponse:
     """The whole generation, or (`stream: true`) its chunks as server-sent events."""
     engine: InferenceEngine = request.app.state.engine
+    if body.end_user() is not None:
+        logger.info("%s completion with %s for end user %r", kind, body.model, body.end_user())
     await run_in_threadpool(record_use, generation.adapter_key)
     if body.stream:
         chunks = _Chunks(body, kind)
@@ -343,7 +390,7 @@ async def completions(
     body: CompletionRequest, request: Request, owner: CurrentOwner, settings: SettingsDep
 ) -> TextCompletion | StreamingResponse:
     target = await run_in_threadpool(_target, settings, owner, body.model)
-    generation = _generation(body, target, settings, max_tokens=body.max_tokens, prompt=body.prompt)
+    generation = _generation(body, target, settings, max_tokens=body.max_tokens, prompt=body.text())
     result = await _answer(request, body, generation, "text")
     if isinstance(result, StreamingResponse):
         return result

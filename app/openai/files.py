@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
@@ -12,7 +12,7 @@ from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.files.models import File
 from app.files.repository import get_file, list_files
 from app.files.service import delete_file, read_file, store_upload
-from app.openai.common import Page, epoch, page
+from app.openai.common import Page, epoch, unsupported
 
 router = APIRouter(prefix="/v1/files", tags=["openai"])
 
@@ -25,8 +25,14 @@ class FileObject(BaseModel):
     filename: str
     purpose: str
     status: Literal["processed"] = "processed"
-    status_details: None = None
-    expires_at: None = None
+
+
+class FilePage(Page):
+    """OpenAI's file list names its first and last ids as strings, even when it is empty."""
+
+    data: list[FileObject]
+    first_id: str
+    last_id: str
 
 
 class FileDeleted(BaseModel):
@@ -45,7 +51,32 @@ def file_object(file: File) -> FileObject:
     )
 
 
-@router.post("", response_model=FileObject, summary="Upload a file (purpose fine-tune)")
+FORM_FIELDS = {"file", "purpose"}
+
+
+async def _refuse_unknown_form_fields(request: Request) -> None:
+    """A form field tuneserve does not honour is a 400 that names it, never silently dropped.
+    (`expires_after` arrives as `expires_after[anchor]` and `expires_after[seconds]`.)"""
+    for name in (await request.form()).keys():
+        field = name.split("[", 1)[0]
+        if field == "expires_after":
+            raise unsupported(
+                field,
+                "expires_after: files do not expire in tuneserve; leave it out and "
+                "delete the file with DELETE /v1/files/{id} when it is no longer needed.",
+            )
+        if field not in FORM_FIELDS:
+            raise unsupported(
+                field, f"{field}: not a field of file uploads; send file and purpose."
+            )
+
+
+@router.post(
+    "",
+    response_model=FileObject,
+    summary="Upload a file (purpose fine-tune)",
+    dependencies=[Depends(_refuse_unknown_form_fields)],
+)
 def create_file(
     file: UploadFile,
     session: SessionDep,
@@ -64,16 +95,25 @@ def create_file(
     return file_object(upload.file)
 
 
-@router.get("", response_model=Page, summary="List files, newest first")
+@router.get("", response_model=FilePage, summary="List files, newest first")
 def files(
     session: SessionDep,
     owner: CurrentOwner,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     after: Annotated[str | None, Query(max_length=64)] = None,
     purpose: Annotated[str | None, Query(max_length=64)] = None,
-) -> Page:
-    found, has_more = list_files(session, owner=owner, limit=limit, after=after)
-    return page([file_object(f) for f in found if purpose in (None, f.purpose)], has_more)
+    order: Annotated[Literal["desc", "asc"], Query(description="By creation time")] = "desc",
+) -> FilePage:
+    found, has_more = list_files(
+        session, owner=owner, limit=limit, after=after or None, purpose=purpose, order=order
+    )
+    listed = [file_object(file) for file in found]
+    return FilePage(
+        data=listed,
+        has_more=has_more,
+        first_id=listed[0].id if listed else "",
+        last_id=listed[-1].id if listed else "",
+    )
 
 
 @router.get("/{file_id}", response_model=FileObject, summary="One file")
