@@ -428,3 +428,50 @@ def test_every_request_field_is_honoured_or_refused_by_name(
     assert_error_conforms(body)
     assert body["error"]["param"] == name, body
     assert name in body["error"]["message"], body
+
+
+def test_values_that_ask_for_nothing_are_accepted(v1: httpx.Client, tiny_model: str) -> None:
+    """A client that sends every field at its default (n=1, store=false, …) is served."""
+    chat = {
+        "model": tiny_model,
+        "messages": CHAT,
+        "max_tokens": 3,
+        "temperature": 0,
+        "n": 1,
+        "store": False,
+        "modalities": ["text"],
+        "service_tier": "auto",
+        "tools": [],
+        "tool_choice": "none",
+        "parallel_tool_calls": True,
+        "logit_bias": {},
+        "logprobs": False,
+        "top_logprobs": 0,
+        "frequency_penalty": 0,
+        "presence_penalty": 0,
+        "response_format": {"type": "text"},
+    }
+    answer = ok(v1.post("/chat/completions", json=chat), "createChatCompletion")
+    plain = ok(
+        v1.post(
+            "/chat/completions",
+            json={"model": tiny_model, "messages": CHAT, "max_tokens": 3, "temperature": 0},
+        ),
+        "createChatCompletion",
+    )
+    assert answer["choices"][0]["message"] == plain["choices"][0]["message"]
+    text = {
+        "model": tiny_model,
+        "prompt": ["1 +"],  # a list of one prompt is one prompt
+        "max_tokens": 3,
+        "temperature": 0,
+        "best_of": 1,
+        "echo": False,
+        "suffix": "",
+        "logprobs": 0,
+    }
+    listed = ok(v1.post("/completions", json=text), "createCompletion")
+    single = ok(v1.post("/completions", json={**text, "prompt": "1 +"}), "createCompletion")
+    assert listed["choices"][0]["text"] == single["choices"][0]["text"]
+    two = v1.post("/completions", json={**text, "prompt": ["1 +", "2 +"]})
+    assert two.status_code == 400 and two.json()["error"]["param"] == "prompt"
