@@ -100,9 +100,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--generated-client", type=Path, help="openapi-python-client's output")
     args = parser.parse_args()
-    key = (
-        os.environ.get("TUNESERVE_API_KEY") or (Path.home() / ".tuneserve" / "api_key").read_text()
-    )
+    data_dir = Path(os.environ.get("TUNESERVE_DATA_DIR", Path.home() / ".tuneserve"))
+    key = os.environ.get("TUNESERVE_API_KEY") or (data_dir / "api_key").read_text()
     reader = Reader(args.generated_client)
     with httpx.Client(
         base_url=args.url, headers={"Authorization": f"Bearer {key.strip()}"}, timeout=300
