@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -37,6 +38,7 @@ class ServableAdapter:
     id: str
     base_model: str
     path: str  # key in the artifact store
+    created_at: datetime | None = None
 
 
 CHECKPOINT_NAME = re.compile(r"^ft:.*:(?P<job>ftjob-[0-9a-f]+):ckpt-step-(?P<step>[0-9]{1,9})$")
@@ -61,12 +63,22 @@ def resolve_adapter(session: Session, *, owner: str, reference: str) -> Servable
                 f"No checkpoint {reference!r}. GET /jobs/{{id}}/checkpoints lists a job's.",
                 code="checkpoint_not_found",
             )
-        return ServableAdapter(id=checkpoint.id, base_model=job.base_model, path=checkpoint.path)
+        return ServableAdapter(
+            id=checkpoint.id,
+            base_model=job.base_model,
+            path=checkpoint.path,
+            created_at=checkpoint.created_at,
+        )
     return _servable(_find_adapter(session, owner=owner, reference=reference))
 
 
 def _servable(adapter: Adapter) -> ServableAdapter:
-    return ServableAdapter(id=adapter.id, base_model=adapter.base_model, path=adapter.path)
+    return ServableAdapter(
+        id=adapter.id,
+        base_model=adapter.base_model,
+        path=adapter.path,
+        created_at=adapter.created_at,
+    )
 
 
 def _find_adapter(session: Session, *, owner: str, reference: str) -> Adapter:

@@ -52,4 +52,4 @@ def model(
     target = resolve_model(session, settings, owner=owner, model=model)
     if target.adapter is None:
         return ModelObject(id=model, created=0, owned_by=SERVICE_OWNER)
-    return ModelObject(id=model, created=0, owned_by=owner)
+    return ModelObject(id=model, created=epoch(target.adapter.created_at) or 0, owned_by=owner)

@@ -175,7 +175,10 @@ def test_model_answers_conform(v1: httpx.Client, tiny_model: str, flow: dict[str
     fine_tuned = flow["job"]["fine_tuned_model"]
     assert {tiny_model, fine_tuned} <= {m["id"] for m in models["data"]}
     for name in (tiny_model, fine_tuned, f"{fine_tuned}:ckpt-step-2"):
-        assert ok(v1.get(f"/models/{name}"), "retrieveModel")["id"] == name
+        found = ok(v1.get(f"/models/{name}"), "retrieveModel")
+        assert found["id"] == name
+        if name != tiny_model:  # a fine-tuned model or checkpoint was made at a known moment
+            assert found["created"] >= flow["job"]["created_at"]
 
 
 def sse_chunks(response: httpx.Response) -> list[dict[str, Any]]:
