@@ -1,4 +1,5 @@
-"""The Celery app. The broker only carries "run job X" messages; SQL holds all job state."""
+"""The worker's Celery app: the tasks of worker/tasks.py, configured as app/queue.py sends them.
+The broker only carries "run job X" messages; SQL holds all job state."""
 
 from __future__ import annotations
 
@@ -8,39 +9,17 @@ from typing import Any
 from celery import Celery, signals
 
 from app.logs import configure_logging
+from app.queue import celery_config
 from app.settings import get_settings
 
 logger = logging.getLogger(__name__)
-RUN_JOB_TASK = "tuneserve.run_job"
-TRAINING_QUEUE = "training"
-
-
-def transport_options(broker_url: str) -> dict[str, object]:
-    if broker_url.startswith(("redis://", "rediss://")):
-        # Redis redelivers an unacknowledged message after the visibility timeout: make it
-        # longer than any job so a running job is not delivered twice.
-        return {"visibility_timeout": 7 * 24 * 3600}
-    # The SQLAlchemy transport hands its options to create_engine; wait on a locked SQLite file
-    # rather than failing.
-    return {"connect_args": {"timeout": 30}} if broker_url.startswith("sqla+sqlite") else {}
 
 
 def make_celery() -> Celery:
     settings = get_settings()
     settings.ensure_dirs()
     app = Celery("tuneserve", broker=settings.celery_broker_url, include=["worker.tasks"])
-    app.conf.update(
-        # A job is acknowledged only after it ran, and handed back if its worker process dies.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_ignore_result=True,
-        task_default_queue=TRAINING_QUEUE,
-        broker_connection_retry_on_startup=True,
-        broker_transport_options=transport_options(settings.celery_broker_url),
-        worker_hijack_root_logger=False,
-        enable_utc=True,
-    )
+    app.conf.update(celery_config(settings.celery_broker_url))
     return app
 
 
@@ -76,14 +55,3 @@ def _log_start(sender: str, instance: Any, **_: Any) -> None:
             broker = connection.as_uri()  # without the password
         queues = ", ".join(sorted(instance.app.amqp.queues))
         logger.info("worker %s consuming %s from %s", sender, queues, broker)
-
-
-def enqueue_job(job_id: str, queue: str = TRAINING_QUEUE) -> None:
-    """Send "run job X". The job row is already committed: if the broker cannot take the message
-    now, the scheduler sends it again later (TUNESERVE_REQUEUE_QUEUED_AFTER_SECONDS)."""
-    try:
-        celery_app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
-    except Exception:
-        logger.exception(
-            "could not enqueue job %s on %s; the scheduler will resend it", job_id, queue
-        )

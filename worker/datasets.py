@@ -20,13 +20,13 @@ from app.datasets.reading import (
     parse,
     token_counts,
 )
+from app.devices import Device
 from app.evaluation.split import EvaluationSplit, split_records
 from app.jobs.auto import Resolved, auto_fields, resolve
 from app.jobs.memory import batch_fits
 from app.jobs.models import Job
+from app.jobs.steps import total_steps
 from app.settings import Settings
-from worker.devices import Device
-from worker.training import total_steps
 
 logger = logging.getLogger(__name__)
 __all__ = ["MAX_LISTED_ROWS", "DatasetFacts", "JobFailure", "PreparedDatasets", "prepare_datasets"]

@@ -28,6 +28,7 @@ from app.adapters.models import Adapter
 from app.base_models.loading import BaseModelUnavailable, model_location
 from app.base_models.registry import get_base_model
 from app.db import unit_of_work, utcnow
+from app.devices import Device, detect_device
 from app.errors import TuneserveError
 from app.ids import new_id
 from app.jobs.events import append_event
@@ -37,7 +38,6 @@ from app.settings import Settings, get_settings
 from app.storage import artifact_store
 from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
 from worker.datasets import DatasetFacts, JobFailure, PreparedDatasets, prepare_datasets
-from worker.devices import Device, detect_device
 from worker.distributed import node_processes, run_distributed
 from worker.evaluation import evaluate_adapter
 from worker.heartbeat import Heartbeat

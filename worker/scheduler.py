@@ -17,9 +17,9 @@ from sqlalchemy import or_, select, update
 from app.db import unit_of_work, utcnow
 from app.jobs.models import ACTIVE_STATUSES, Job, JobStatus
 from app.jobs.transitions import transition
+from app.queue import enqueue_job
 from app.settings import Settings, get_settings
 from app.webhooks.outbox import deliver_due
-from worker.celery_app import enqueue_job
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ import logging
 from celery.exceptions import Reject
 
 from app.logs import job_logging
-from worker.celery_app import RUN_JOB_TASK, celery_app
+from app.queue import RUN_JOB_TASK
+from worker.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ bottom: load model -> build datasets -> trainer -> train -> save.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,16 +155,6 @@ def trained_tokens(tokenizer: Any, records: list[dict[str, Any]]) -> list[dict[s
         input_ids, mask = token_mask(tokenizer, record)
         examples.append({"input_ids": input_ids, "assistant_masks": [int(bit) for bit in mask]})
     return examples
-
-
-def total_steps(rows: int, hyperparameters: dict[str, Any], world_size: int = 1) -> int:
-    """The optimizer steps the Trainer will take (it rounds batches, then accumulation, up);
-    with data parallelism each step takes batch_size rows on every rank."""
-    batches = math.ceil(rows / (hyperparameters["batch_size"] * world_size))
-    updates_per_epoch: int = math.ceil(
-        batches / int(hyperparameters["gradient_accumulation_steps"])
-    )
-    return updates_per_epoch * int(hyperparameters["n_epochs"])
 
 
 def train_lora(

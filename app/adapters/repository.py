@@ -113,6 +113,12 @@ def list_adapters(
     )
 
 
+def all_adapters(session: Session, *, owner: str) -> list[Adapter]:
+    """Every adapter of the owner, newest first."""
+    query = select(Adapter).where(Adapter.owner == owner).order_by(Adapter.created_at.desc())
+    return list(session.scalars(query))
+
+
 def delete_adapter(session: Session, *, owner: str, adapter_id: str, settings: Settings) -> Adapter:
     """Delete the owner's adapter: the row now, its files once that commits."""
     adapter = get_adapter(session, owner=owner, adapter_id=adapter_id)

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.db import unit_of_work
 from app.deps import CurrentOwner, SettingsDep
-from app.errors import InvalidRequest, error_body
+from app.errors import error_body
 from app.inference.engine import (
     Generation,
     GenerationResult,
@@ -23,6 +23,7 @@ from app.inference.engine import (
     StreamItem,
     TextDelta,
 )
+from app.inference.limits import check_max_new_tokens
 from app.inference.schemas import GenerateChunk, GenerateRequest, GenerateResponse, Usage
 from app.inference.streaming import stream_response
 from app.inference.targets import record_use, resolve_target
@@ -100,13 +101,7 @@ async def generate(
 
 def _generation(body: GenerateRequest, owner: str, settings: Settings) -> Generation:
     """The request checked against the limits, its adapter and base model resolved."""
-    if body.max_new_tokens > settings.max_new_tokens_limit:
-        raise InvalidRequest(
-            f"max_new_tokens: at most {settings.max_new_tokens_limit} "
-            "(TUNESERVE_MAX_NEW_TOKENS_LIMIT).",
-            code="max_new_tokens_too_large",
-            detail={"field": "max_new_tokens"},
-        )
+    check_max_new_tokens(body.max_new_tokens, settings, field="max_new_tokens")
     with unit_of_work() as session:
         target = resolve_target(
             session, settings, owner=owner, adapter=body.adapter, base_model=body.base_model
@@ -129,11 +124,7 @@ def _response(result: GenerationResult, generation: Generation) -> GenerateRespo
     return GenerateResponse(
         text=result.text,
         finish_reason=result.finish_reason,
-        usage=Usage(
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            total_tokens=result.prompt_tokens + result.completion_tokens,
-        ),
+        usage=Usage.counted(result.prompt_tokens, result.completion_tokens),
         adapter=generation.adapter_key,
         base_model=generation.base_model.name,
     )

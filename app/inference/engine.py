@@ -242,7 +242,7 @@ class InferenceEngine:
 
 def inference_dtype(precision: str) -> str:
     """ "bfloat16" or "float32": bf16 where the device runs it natively (auto), or as set."""
-    from worker.devices import detect_device
+    from app.devices import detect_device
 
     if precision != "auto":
         return "bfloat16" if precision == "bf16" else "float32"

@@ -77,9 +77,19 @@ class FinishReason(enum.StrEnum):
 
 
 class Usage(ResponseModel):
+    """Token counts of one generation (POST /generate and the /v1 completions alike)."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+    @classmethod
+    def counted(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 class GenerateResponse(ResponseModel):

@@ -21,6 +21,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from app import sse
 from app.inference.engine import Generation, GenerationStream, InferenceEngine, StreamItem
 
 logger = logging.getLogger(__name__)
@@ -49,12 +50,12 @@ class ServerSentEvents:
         try:
             while (item := await self._read()) is not None:
                 for payload in self._render(item):
-                    yield f"data: {payload}\n\n"
-            yield "data: [DONE]\n\n"
+                    yield sse.message(payload)
+            yield sse.DONE
         except Exception as error:  # the status line is sent: report the error in the stream
             logger.exception("streamed generation failed")
             message = f"Internal error ({type(error).__name__}) during generation; see logs."
-            yield f"data: {self._render_error(message)}\n\n"
+            yield sse.message(self._render_error(message))
         finally:
             with anyio.CancelScope(shield=True):
                 await self.stop()
@@ -78,11 +79,5 @@ async def stream_response(
     cancelled = threading.Event()
     stream = await run_in_threadpool(engine.stream, generation, cancelled)
     events = ServerSentEvents(stream, cancelled, render, render_error)
-    return StreamingResponse(
-        events.messages(),
-        media_type="text/event-stream",
-        # Proxies must pass each message on as it comes, not cache or buffer the stream.
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        # Also runs when the client went away while a message was being sent.
-        background=BackgroundTask(events.stop),
-    )
+    # stop() also runs when the client went away while a message was being sent.
+    return sse.event_stream(events.messages(), background=BackgroundTask(events.stop))

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app import sse
 from app.db import unit_of_work
 from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.errors import ErrorBody
@@ -26,6 +27,7 @@ from app.jobs.schemas import (
     MetricList,
     MetricPoint,
 )
+from app.jobs.submission import submit_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -75,8 +77,7 @@ def create_job(
     if request.dry_run:
         found = plan.plan_job(owner=owner, request=request, settings=settings)
         return JSONResponse(found.model_dump(mode="json"))
-    plan.check_fits(owner=owner, request=request, settings=settings)
-    submission = service.create_job(
+    submission = submit_job(
         session, owner=owner, request=request, settings=settings, idempotency_key=idempotency_key
     )
     if submission.replayed:
@@ -161,9 +162,9 @@ def job_metrics(job_id: str, session: SessionDep, owner: CurrentOwner) -> Metric
 async def _server_sent(events: AsyncIterator[JobEventView | None]) -> AsyncIterator[str]:
     async for event in events:
         if event is None:
-            yield ": keep-alive\n\n"
+            yield sse.KEEP_ALIVE
         else:
-            yield f"id: {event.seq}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
+            yield sse.message(event.model_dump_json(), id=event.seq, event=event.type)
 
 
 @router.get(
@@ -206,12 +207,7 @@ def stream_job_events(
         after=after if last_event_id is None else last_event_id,
         disconnected=request.is_disconnected,
     )
-    return StreamingResponse(
-        _server_sent(events),
-        media_type="text/event-stream",
-        # Proxies must pass each message on as it comes, not cache or buffer the stream.
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return sse.event_stream(_server_sent(events))
 
 
 @router.get(

@@ -65,8 +65,8 @@ from app.jobs.schemas import (
     TooLongRow,
 )
 from app.jobs.service import check_dataset_urls, queue_for
+from app.jobs.steps import total_steps
 from app.settings import Settings
-from worker.training import total_steps
 
 PREVIEW_EXAMPLES = 3
 MEASUREMENTS_USED = 5
@@ -99,7 +99,7 @@ def target_device(settings: Settings, request: CreateJobRequest, queue: str) -> 
         kind, name, count = str(recorded["kind"]), recorded.get("name"), recorded.get("count")
         memory, source = recorded.get("memory_bytes"), "recorded"
     else:
-        from worker.devices import detect_device
+        from app.devices import detect_device
 
         here = detect_device()
         count = here.count

@@ -38,10 +38,10 @@ from app.jobs.schemas import (
 )
 from app.jobs.transitions import EVENT_TYPES, require_transition
 from app.outbound import OutboundError, check_url_literal
+from app.queue import enqueue_job
 from app.settings import Settings
 from app.webhooks.models import WebhookDelivery
 from app.webhooks.signing import new_secret
-from worker.celery_app import enqueue_job
 
 
 class InvalidDatasetUrl(InvalidRequest):
@@ -200,7 +200,7 @@ def create_job(
             if winner is None:
                 raise
             return _replay(winner, key=key, request_hash=digest)
-    after_commit(session, lambda: enqueue_job(job.id, job.queue))
+    after_commit(session, lambda: enqueue_job(job.id, job.queue, settings))
     return JobSubmission(job, replayed=False)
 
 

@@ -78,7 +78,7 @@ def check_broker(settings: Settings) -> None:
     (the SQLAlchemy transport's `connect` alone does not reach its database)."""
     from kombu.connection import Connection
 
-    from worker.celery_app import transport_options
+    from app.queue import transport_options
 
     url = settings.celery_broker_url
     options = transport_options(url)

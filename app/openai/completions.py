@@ -27,6 +27,8 @@ from app.inference.engine import (
     StreamItem,
     TextDelta,
 )
+from app.inference.limits import check_max_new_tokens
+from app.inference.schemas import Usage
 from app.inference.streaming import stream_response
 from app.inference.targets import Target, record_use, resolve_model
 from app.openai.common import OpenAIRequest, unsupported
@@ -171,12 +173,6 @@ class CompletionRequest(SamplingRequest):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -229,14 +225,13 @@ def _generation(
     messages: list[dict[str, str]] | None = None,
 ) -> Generation:
     body.check_supported()
-    wanted = max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_new_tokens_limit)
-    if wanted > settings.max_new_tokens_limit:
-        raise InvalidRequest(
-            f"max_tokens: at most {settings.max_new_tokens_limit} "
-            "(TUNESERVE_MAX_NEW_TOKENS_LIMIT).",
-            code="invalid_value",
-            detail={"field": "max_tokens"},
-        )
+    chat_limit = getattr(body, "max_completion_tokens", None)
+    max_tokens_field = "max_completion_tokens" if chat_limit else "max_tokens"
+    wanted = check_max_new_tokens(
+        max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_new_tokens_limit),
+        settings,
+        field=max_tokens_field,
+    )
     return Generation(
         base_model=target.base_model,
         adapter_key=target.adapter_key,
@@ -252,11 +247,7 @@ def _generation(
 
 
 def _usage(result: GenerationResult) -> Usage:
-    return Usage(
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-        total_tokens=result.prompt_tokens + result.completion_tokens,
-    )
+    return Usage.counted(result.prompt_tokens, result.completion_tokens)
 
 
 # One event of a stream: `data: <chunk as JSON>`, and last `data: [DONE]`.

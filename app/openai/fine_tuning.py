@@ -16,10 +16,11 @@ from pydantic import BaseModel, Field, ValidationError
 
 from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.errors import InvalidRequest, NotFound, TuneserveError
-from app.jobs import auto, plan, repository, service
+from app.jobs import auto, repository, service
 from app.jobs.events import list_events_newest_first
 from app.jobs.models import Job, JobCheckpoint, JobEvent, JobStatus
 from app.jobs.schemas import CreateJobRequest
+from app.jobs.submission import submit_job
 from app.openai.common import OpenAIRequest, Page, epoch, page, unsupported
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["openai"])
@@ -266,8 +267,7 @@ def create_job(
 ) -> FineTuningJob:
     try:
         request = native_request(body)
-        plan.check_fits(owner=owner, request=request, settings=settings)
-        submission = service.create_job(session, owner=owner, request=request, settings=settings)
+        submission = submit_job(session, owner=owner, request=request, settings=settings)
     except TuneserveError as exc:
         raise _in_openai_terms(exc) from None
     return fine_tuning_job(submission.job)

@@ -6,9 +6,8 @@ from typing import Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel
-from sqlalchemy import select
 
-from app.adapters.models import Adapter
+from app.adapters.repository import all_adapters
 from app.base_models.registry import is_available, list_base_models
 from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.inference.targets import resolve_model
@@ -35,9 +34,7 @@ def models(session: SessionDep, owner: CurrentOwner, settings: SettingsDep) -> P
         for base in list_base_models(settings)
         if is_available(settings, base)
     ]
-    adapters = session.scalars(
-        select(Adapter).where(Adapter.owner == owner).order_by(Adapter.created_at.desc())
-    )
+    adapters = all_adapters(session, owner=owner)
     found += [
         ModelObject(id=adapter.name, created=epoch(adapter.created_at) or 0, owned_by=owner)
         for adapter in adapters

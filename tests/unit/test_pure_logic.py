@@ -14,8 +14,8 @@ from app.base_models.registry import (
     list_base_models,
 )
 from app.files.service import safe_filename
+from app.jobs.steps import total_steps
 from app.settings import Settings
-from worker.training import total_steps
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""What this worker trains on: ROCm or CUDA GPUs, or the CPU, and whether bf16 pays there."""
+"""The device here: ROCm or CUDA GPUs, or the CPU, and whether bf16 pays there (what a worker
+trains on, and what the api serves on)."""
 
 from __future__ import annotations
 
