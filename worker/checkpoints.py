@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import delete, select
-
 from app.db import unit_of_work, utcnow
 from app.ids import new_id
+from app.jobs import repository
 from app.jobs.events import append_event
-from app.jobs.models import JobCheckpoint, JobMetric
+from app.jobs.models import JobCheckpoint
 from app.settings import Settings
 from app.storage import artifact_store
 from worker.sql import with_retries
@@ -41,23 +40,16 @@ class CheckpointKeeper:
 
         def record() -> list[str]:
             with unit_of_work() as session:
-                session.execute(
-                    delete(JobCheckpoint).where(
-                        JobCheckpoint.job_id == self.job_id, JobCheckpoint.step == checkpoint.step
-                    )
+                row = JobCheckpoint(
+                    id=new_id("ftckpt"),
+                    job_id=self.job_id,
+                    step=checkpoint.step,
+                    epoch=checkpoint.epoch,
+                    path=key,
+                    metrics=metrics,
+                    created_at=utcnow(),
                 )
-                session.add(
-                    JobCheckpoint(
-                        id=new_id("ftckpt"),
-                        job_id=self.job_id,
-                        step=checkpoint.step,
-                        epoch=checkpoint.epoch,
-                        path=key,
-                        metrics=metrics,
-                        created_at=utcnow(),
-                    )
-                )
-                session.flush()
+                repository.replace_checkpoint(session, row)
                 append_event(
                     session,
                     self.job_id,
@@ -65,15 +57,7 @@ class CheckpointKeeper:
                     f"Checkpoint saved at step {checkpoint.step}.",
                     data={"step": checkpoint.step, "epoch": checkpoint.epoch, **metrics},
                 )
-                stale = session.scalars(
-                    select(JobCheckpoint)
-                    .where(JobCheckpoint.job_id == self.job_id)
-                    .order_by(JobCheckpoint.step.desc())
-                    .offset(self.kept)
-                ).all()
-                for row in stale:
-                    session.delete(row)
-                return [row.path for row in stale]
+                return repository.prune_checkpoints(session, self.job_id, kept=self.kept)
 
         for stale_key in with_retries(record, what="record a checkpoint"):
             store.delete(stale_key)
@@ -82,12 +66,7 @@ class CheckpointKeeper:
 
 def latest_checkpoint(job_id: str) -> JobCheckpoint | None:
     with unit_of_work() as session:
-        return session.scalars(
-            select(JobCheckpoint)
-            .where(JobCheckpoint.job_id == job_id)
-            .order_by(JobCheckpoint.step.desc())
-            .limit(1)
-        ).first()
+        return repository.latest_checkpoint(session, job_id)
 
 
 def restore(checkpoint: JobCheckpoint, settings: Settings, trainer_dir: Path) -> Path:
@@ -97,9 +76,5 @@ def restore(checkpoint: JobCheckpoint, settings: Settings, trainer_dir: Path) ->
     with unit_of_work() as session:
         # Steps after the checkpoint were trained by the lost attempt and will be trained again:
         # drop their points so the loss curve continues from the checkpoint.
-        session.execute(
-            delete(JobMetric).where(
-                JobMetric.job_id == checkpoint.job_id, JobMetric.step > checkpoint.step
-            )
-        )
+        repository.forget_metrics_after(session, checkpoint.job_id, checkpoint.step)
     return local

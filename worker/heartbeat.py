@@ -11,10 +11,9 @@ import logging
 import threading
 import time
 
-from sqlalchemy import select, update
-
 from app.db import unit_of_work, utcnow
-from app.jobs.models import ACTIVE_STATUSES, Job
+from app.jobs import repository
+from app.jobs.models import ACTIVE_STATUSES
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +57,8 @@ class Heartbeat:
     def _check(self, *, beat: bool) -> None:
         with unit_of_work() as session:
             if beat:
-                session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.worker == self.worker_id)
-                    .values(heartbeat_at=utcnow())
-                )
-            row = session.execute(
-                select(Job.status, Job.worker, Job.cancel_requested_at).where(Job.id == self.job_id)
-            ).one_or_none()
+                repository.beat(session, job_id=self.job_id, worker_id=self.worker_id, now=utcnow())
+            row = repository.stop_signals(session, self.job_id)
         if row is None:
             self.request_stop("claim_lost")
         elif row.cancel_requested_at is not None:

@@ -6,11 +6,10 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 
 from app.db import unit_of_work, utcnow
-from app.jobs.models import Job, JobMetric
+from app.jobs import repository
 from worker.sql import with_retries
 from worker.training import ProgressUpdate
 
@@ -67,11 +66,9 @@ class ProgressWriter:
 
         def write() -> None:
             with unit_of_work() as session:
-                session.add_all([JobMetric(**point) for point in self.pending])
-                if self.progress:
-                    session.execute(
-                        update(Job).where(Job.id == self.job_id).values(progress=self.progress)
-                    )
+                repository.save_progress(
+                    session, self.job_id, progress=self.progress, points=self.pending
+                )
 
         self.last_write = time.monotonic()
         try:

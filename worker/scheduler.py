@@ -12,10 +12,9 @@ import logging
 import threading
 from datetime import timedelta
 
-from sqlalchemy import or_, select, update
-
 from app.db import unit_of_work, utcnow
-from app.jobs.models import ACTIVE_STATUSES, Job, JobStatus
+from app.jobs import repository
+from app.jobs.models import JobStatus
 from app.jobs.transitions import transition
 from app.queue import enqueue_job
 from app.settings import Settings, get_settings
@@ -31,13 +30,7 @@ def reap_lost_jobs(settings: Settings) -> dict[str, list[str]]:
     outcome: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": [], "resent": []}
     queues: dict[str, str] = {}
     with unit_of_work() as session:
-        stale = session.scalars(
-            select(Job).where(
-                Job.status.in_(ACTIVE_STATUSES),
-                or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before),
-            )
-        ).all()
-        for job in stale:
+        for job in repository.stale_jobs(session, stale_before=stale_before):
             silent = f"Worker {job.worker} stopped beating (last heartbeat {job.heartbeat_at})."
             if job.cancel_requested_at is not None:
                 if transition(
@@ -70,16 +63,9 @@ def reap_lost_jobs(settings: Settings) -> dict[str, list[str]]:
                 outcome["requeued"].append(job.id)
                 queues[job.id] = job.queue
         resend_before = now - timedelta(seconds=settings.requeue_queued_after_seconds)
-        lost = session.execute(
-            select(Job.id, Job.queue).where(
-                Job.status == JobStatus.QUEUED, Job.enqueued_at < resend_before
-            )
-        ).all()
-        if lost:
-            ids = [row.id for row in lost]
-            session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=now))
-            outcome["resent"].extend(ids)
-            queues.update({row.id: row.queue for row in lost})
+        lost = repository.take_lost_messages(session, enqueued_before=resend_before, now=now)
+        outcome["resent"].extend(lost)
+        queues.update(lost)
     # Messages go out after the commit; a duplicate is harmless, the claim takes one.
     for job_id in outcome["requeued"] + outcome["resent"]:
         enqueue_job(job_id, queues[job_id])

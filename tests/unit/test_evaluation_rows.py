@@ -1,5 +1,5 @@
 """Which rows the automatic evaluation scores, what it asks the models, and that its failure
-leaves the job's adapter standing (worker/runner.py _evaluate)."""
+leaves the job's adapter standing (worker/stages.py evaluate)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from tests.corpus import arithmetic_rows
 from tests.jobs_in_sql import insert_job
 from worker.datasets import PreparedDatasets
 from worker.evaluation import sample_prompt
-from worker.runner import JobContext, _evaluate
+from worker.stages import JobContext
+from worker.stages import evaluate as _evaluate
 
 
 def test_held_out_rows_start_at_fifty_rows_without_a_validation_set() -> None:

@@ -1,0 +1,404 @@
+"""The stages of a claimed job, in order: validate, train, evaluate, publish, finish.
+
+Each stage writes what it learnt in a transaction of its own (its SQL in app/jobs/repository.py
+and the transitions module) and raises JobStopped or JobFailure to leave the run; worker/runner.py
+claims the job, runs the stages, and ends the job on every exit path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.adapters.models import Adapter
+from app.base_models.loading import BaseModelUnavailable, model_location
+from app.base_models.registry import BaseModel, get_base_model
+from app.db import unit_of_work, utcnow
+from app.devices import Device, detect_device
+from app.ids import new_id
+from app.jobs import repository
+from app.jobs.events import append_event
+from app.jobs.models import Job, JobStatus, Throughput
+from app.jobs.transitions import transition
+from app.settings import Settings
+from app.storage import artifact_store
+from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
+from worker.datasets import JobFailure, PreparedDatasets, prepare_datasets
+from worker.distributed import node_processes, run_distributed
+from worker.evaluation import evaluate_adapter
+from worker.heartbeat import Heartbeat
+from worker.model_card import manifest, write_model_card
+from worker.progress import ProgressWriter
+from worker.sql import with_retries
+from worker.training import Checkpoint, TrainingHooks, TrainingResult, TrainingSpec, train_lora
+
+logger = logging.getLogger(__name__)
+
+
+class JobStopped(Exception):
+    """The job must stop now: cancelled by its owner, its claim given to another attempt, or its
+    worker shutting down (then it is handed back to the queue)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def event(job_id: str, type: str, message: str, level: str = "info", **data: Any) -> None:
+    def write() -> None:
+        with unit_of_work() as session:
+            append_event(session, job_id, type, message, level=level, data=data or None)
+
+    with_retries(write, what=f"log {type}")
+
+
+@dataclass
+class JobContext:
+    job: Job
+    settings: Settings
+    heartbeat: Heartbeat
+    worker_id: str
+    checkpoints: CheckpointKeeper | None = None
+
+    @property
+    def workdir(self) -> Path:
+        return self.settings.artifacts_dir / "jobs" / self.job.id
+
+    def check_stop(self) -> None:
+        if self.heartbeat.stop_requested.is_set():
+            raise JobStopped(self.heartbeat.reason or "cancelled")
+
+
+@dataclass(frozen=True)
+class Validated:
+    """What the validate stage found: where and how the job trains, and its data."""
+
+    device: Device
+    bf16: bool
+    processes: int
+    base_model: BaseModel
+    location: str
+    prepared: PreparedDatasets
+
+
+@dataclass(frozen=True)
+class Trained:
+    result: TrainingResult
+    progress: dict[str, Any]  # the last progress the writer reported
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class NewAdapter:
+    id: str
+    owner: str
+    job_id: str
+    base_model: str
+    name: str
+    path: str
+    sha256: str
+    size_bytes: int
+    rank: int
+
+    def row(self) -> Adapter:
+        return Adapter(**self.__dict__, created_at=utcnow())
+
+
+def use_bf16(setting: str, device: Device) -> bool:
+    return setting == "on" or (setting == "auto" and device.bf16)
+
+
+def validate(context: JobContext) -> Validated:
+    """The device, the base model on disk, the dataset fetched and checked row by row, "auto"
+    hyperparameters resolved; recorded on the job."""
+    job, settings = context.job, context.settings
+    device = detect_device()
+    bf16 = use_bf16(settings.bf16, device)
+    with unit_of_work() as session:
+        repository.record_device(session, job.id, device.facts())
+        append_event(
+            session,
+            job.id,
+            "job.device",
+            f"Training on {device.kind}: {device.count} x {device.name}"
+            f" ({'bf16 autocast' if bf16 else 'fp32'}).",
+            data={**device.facts(), "bf16_autocast": bf16},
+        )
+    base_model = get_base_model(settings, job.base_model)
+    event(job.id, "job.loading_model", f"Preparing base model {base_model.name}.")
+    try:
+        location = model_location(settings, base_model)
+    except BaseModelUnavailable as exc:
+        raise JobFailure(exc.code, exc.message) from exc
+    context.check_stop()
+
+    processes = settings.training_processes or node_processes()
+    prepared = prepare_datasets(job, settings, location, context.workdir, processes, device=device)
+    facts = prepared.facts
+    resolved = {name: prepared.hyperparameters[name] for name in prepared.auto}
+    with unit_of_work() as session:
+        repository.record_dataset(
+            session, job.id, dataset=dict(facts), hyperparameters=prepared.hyperparameters
+        )
+        chosen = ", ".join(f"{name}={value}" for name, value in resolved.items())
+        auto = f" Auto hyperparameters: {chosen}." if resolved else ""
+        append_event(
+            session,
+            job.id,
+            "job.dataset_validated",
+            f"Dataset valid: {facts['rows']} rows, format {facts['format']}, "
+            f"{facts['tokens']} tokens.{auto}",
+            data={**facts, "auto_hyperparameters": resolved} if resolved else dict(facts),
+        )
+    context.check_stop()
+    return Validated(device, bf16, processes, base_model, location, prepared)
+
+
+def train(context: JobContext, validated: Validated) -> Trained:
+    """`running`, then the LoRA run (on one process or several), resumed from the job's last
+    checkpoint when an earlier attempt left one; progress and checkpoints recorded as it goes."""
+    job, settings, prepared = context.job, context.settings, validated.prepared
+    with unit_of_work() as session:
+        started = transition(
+            session,
+            job.id,
+            JobStatus.RUNNING,
+            f"Training started: {prepared.total_steps} steps.",
+            only_from=frozenset({JobStatus.VALIDATING}),
+            claimed_by=context.worker_id,
+            values={
+                "progress": {"step": 0, "total_steps": prepared.total_steps, "epoch": 0.0},
+                "heartbeat_at": utcnow(),
+            },
+        )
+    if not started:
+        raise JobStopped("claim_lost")
+
+    hp = prepared.hyperparameters
+    resume_from = None
+    checkpoint = latest_checkpoint(job.id)
+    if checkpoint is not None:
+        resume_from = str(restore(checkpoint, settings, context.workdir / "trainer"))
+        event(
+            job.id,
+            "job.resumed",
+            f"Resuming from the checkpoint at step {checkpoint.step} (attempt {job.attempt}).",
+            step=checkpoint.step,
+            checkpoint=checkpoint.id,
+        )
+    writer = ProgressWriter(job.id, settings.progress_interval_seconds)
+    kept = hp.get("checkpoints_kept") or settings.checkpoints_kept
+    spec = TrainingSpec(
+        model_location=validated.location,
+        hyperparameters=hp,
+        lora=job.lora,
+        model_kwargs=prepared.model_kwargs,
+        bf16=validated.bf16,
+        checkpoint_every_steps=hp.get("checkpoint_every_steps") or settings.checkpoint_every_steps,
+        checkpoint_every_minutes=hp.get("checkpoint_every_minutes")
+        or settings.checkpoint_every_minutes,
+        checkpoints_kept=kept,
+        resume_from=resume_from,
+    )
+    heartbeat = context.heartbeat
+    keeper = context.checkpoints = CheckpointKeeper(job.id, settings, kept)
+
+    def on_checkpoint(checkpoint: Checkpoint) -> None:
+        # The curve up to the checkpoint must be in SQL before the checkpoint is: a resumed run
+        # goes on from the step after it.
+        writer.flush(must=True)
+        keeper(checkpoint)
+
+    hooks = TrainingHooks(
+        on_progress=writer,
+        should_stop=heartbeat.stop_requested.is_set,
+        checkpoint_before_stop=lambda: heartbeat.reason == "shutdown",
+        on_checkpoint=on_checkpoint,
+    )
+    train_rows, eval_rows = prepared.train_records, prepared.eval_records
+    if validated.processes > 1:
+        processes = validated.processes
+        event(job.id, "job.distributed", f"Data-parallel training on {processes} processes.")
+        result = run_distributed(spec, train_rows, eval_rows, context.workdir, hooks, processes)
+    else:
+        result = train_lora(spec, train_rows, eval_rows, context.workdir, hooks)
+    writer.flush(must=True)
+    context.check_stop()
+    if result.stopped_early:
+        raise JobStopped("cancelled")
+    return Trained(result, writer.progress, resumed=resume_from is not None)
+
+
+def evaluate(
+    context: JobContext, prepared: PreparedDatasets, location: str, bf16: bool
+) -> dict[str, Any] | None:
+    """Base model against adapter on the rows prepare_datasets set aside (worker/evaluation.py).
+    A failure here is reported and leaves the job without an evaluation; the adapter stands."""
+    settings, job_id, scored = context.settings, context.job.id, prepared.scored
+    if settings.auto_eval_rows == 0 or not scored.scored:
+        return None
+    event(
+        job_id,
+        "job.evaluating",
+        f"Evaluating: base model against adapter on {len(scored.scored)} {scored.split} rows.",
+    )
+    try:
+        evaluation = evaluate_adapter(
+            location,
+            context.workdir / "adapter",
+            scored.scored,
+            split=scored.split,
+            samples=settings.auto_eval_samples,
+            bf16=bf16,
+            model_kwargs=prepared.model_kwargs,
+        )
+    except Exception as exc:
+        logger.exception("job %s: the automatic evaluation failed", job_id)
+        event(
+            job_id,
+            "job.evaluation_failed",
+            f"The automatic evaluation failed ({type(exc).__name__}: {exc}); the adapter is "
+            "kept without it.",
+            level="warning",
+        )
+        return None
+    event(
+        job_id,
+        "job.evaluated",
+        f"Eval loss on {evaluation['rows']} {evaluation['split']} rows: base "
+        f"{evaluation['base_eval_loss']:.4f}, adapter {evaluation['adapter_eval_loss']:.4f} "
+        f"({evaluation['improvement']:+.1%}).",
+        **{key: value for key, value in evaluation.items() if key != "samples"},
+    )
+    return evaluation
+
+
+def publish(
+    context: JobContext,
+    validated: Validated,
+    trained: Trained,
+    evaluation: dict[str, Any] | None,
+) -> NewAdapter:
+    """The model card and manifest written into the adapter, which goes to the artifact store."""
+    job, result = context.job, trained.result
+    write_model_card(
+        context.workdir / "adapter",
+        manifest(
+            job=job,
+            base_model=validated.base_model,
+            dataset=dict(validated.prepared.facts),
+            hyperparameters=validated.prepared.hyperparameters,
+            device={
+                **validated.device.facts(),
+                "bf16_autocast": validated.bf16,
+                "processes": validated.processes,
+            },
+            metrics={
+                "steps": result.steps,
+                "train_loss": result.train_loss,
+                "eval_loss": result.eval_loss,
+                "trained_tokens": result.trained_tokens,
+                "training_seconds": round(result.seconds, 1),
+            },
+            evaluation=evaluation,
+        ),
+    )
+    adapter_id = new_id("adapter")
+    local = context.workdir / "adapter"
+    digest = hashlib.sha256((local / "adapter_model.safetensors").read_bytes()).hexdigest()
+    size = sum(path.stat().st_size for path in local.rglob("*") if path.is_file())
+    key = f"adapters/{adapter_id}"
+    artifact_store(context.settings).put_dir(local, key)
+    shutil.rmtree(local, ignore_errors=True)
+    return NewAdapter(
+        id=adapter_id,
+        owner=job.owner,
+        job_id=job.id,
+        base_model=job.base_model,
+        name=job.fine_tuned_model,
+        path=key,
+        sha256=digest,
+        size_bytes=size,
+        rank=int(job.lora["r"]),
+    )
+
+
+def finish(
+    context: JobContext,
+    validated: Validated,
+    trained: Trained,
+    adapter: NewAdapter,
+    evaluation: dict[str, Any] | None,
+) -> None:
+    """In one transaction: the adapter's row, `succeeded` with the final progress and the
+    evaluation, and the job's speed for later plans. A lost claim deletes the published files."""
+    job, result = context.job, trained.result
+    final = {
+        **trained.progress,
+        "step": result.steps,
+        "total_steps": result.total_steps,
+        "eta_seconds": 0.0,
+        "trained_tokens": result.trained_tokens,
+    }
+    if result.eval_loss is not None:
+        final["eval_loss"] = result.eval_loss
+
+    def succeed() -> bool:
+        with unit_of_work() as session:
+            session.add(adapter.row())
+            session.flush()
+            succeeded = transition(
+                session,
+                job.id,
+                JobStatus.SUCCEEDED,
+                f"Training finished in {result.seconds:.0f} s; "
+                f"adapter {adapter.id} ({adapter.name}).",
+                only_from=frozenset({JobStatus.RUNNING}),
+                claimed_by=context.worker_id,
+                data={
+                    "adapter": adapter.id,
+                    "mean_train_loss": result.train_loss,
+                    "eval_loss": result.eval_loss,
+                    "trained_tokens": result.trained_tokens,
+                    "seconds": round(result.seconds, 1),
+                },
+                values={"progress": final, "evaluation": evaluation},
+            )
+            if not succeeded:
+                session.rollback()
+            elif not trained.resumed:
+                _record_throughput(session, job, validated, trained)
+            return succeeded
+
+    if not with_retries(succeed, what=f"finish job {job.id}"):
+        artifact_store(context.settings).delete(adapter.path)
+        raise JobStopped("claim_lost")
+
+
+def _record_throughput(session: Session, job: Job, validated: Validated, trained: Trained) -> None:
+    """The speed this job trained at, for plans to estimate later jobs' time from. Jobs on a
+    second attempt are left out: their clock started with the first."""
+    speed, result = trained.progress.get("tokens_per_second"), trained.result
+    started = repository.first_attempt_start(session, job.id)
+    if not speed or not result.trained_tokens or started is None:
+        return
+    device = validated.device
+    session.add(
+        Throughput(
+            job_id=job.id,
+            accelerator=device.accelerator_class,
+            device_name=device.name[:200],
+            processes=validated.processes,
+            base_model=job.base_model,
+            trained_tokens=result.trained_tokens,
+            tokens_per_second=float(speed),
+            job_seconds=(utcnow() - started).total_seconds(),
+            created_at=utcnow(),
+        )
+    )
