@@ -25,6 +25,7 @@ from app.evaluation.split import EvaluationSplit, split_records
 from app.jobs.auto import Resolved, auto_fields, resolve
 from app.jobs.memory import batch_fits
 from app.jobs.models import Job
+from app.jobs.schemas import Hyperparameters, TrainingHyperparameters
 from app.jobs.steps import total_steps
 from app.settings import Settings
 
@@ -56,8 +57,8 @@ class PreparedDatasets:
     eval_records: list[dict[str, Any]] | None  # the validation set, scored during training
     scored: EvaluationSplit  # the rows the automatic evaluation scores after training
     total_steps: int
+    hyperparameters: TrainingHyperparameters  # "auto" resolved
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    hyperparameters: dict[str, Any] = field(default_factory=dict)  # "auto" resolved
     auto: list[str] = field(default_factory=list)  # the names that were "auto"
 
 
@@ -99,7 +100,7 @@ def resolve_hyperparameters(
     if not auto_fields(job.hyperparameters):
         return Resolved(hyperparameters=dict(job.hyperparameters), auto=[])
     facts = model_facts(settings, get_base_model(settings, job.base_model))
-    seq = min(int(job.hyperparameters["max_seq_length"]), max_row_tokens)
+    seq = min(Hyperparameters.model_validate(job.hyperparameters).max_seq_length, max_row_tokens)
     memory = settings.device_memory_bytes or (device.memory_bytes if device else None)
     return resolve(
         job.hyperparameters,
@@ -134,7 +135,8 @@ def prepare_datasets(
     tokenizer = AutoTokenizer.from_pretrained(
         model_location, trust_remote_code=False, **model_kwargs
     )
-    max_seq_length = int(job.hyperparameters["max_seq_length"])
+    requested = Hyperparameters.model_validate(job.hyperparameters)
+    max_seq_length = requested.max_seq_length
 
     def load(
         url: str, name: str, field_name: str
@@ -171,7 +173,7 @@ def prepare_datasets(
     scored = split_records(
         parsed.records,
         eval_records,
-        seed=int(job.hyperparameters["seed"]),
+        seed=requested.seed,
         max_rows=settings.auto_eval_rows,
     )
     facts["held_out_rows"] = len(parsed.records) - len(scored.train)
@@ -189,6 +191,6 @@ def prepare_datasets(
         scored=scored,
         total_steps=total_steps(len(scored.train), resolved.hyperparameters, world_size),
         model_kwargs=model_kwargs,
-        hyperparameters=resolved.hyperparameters,
+        hyperparameters=TrainingHyperparameters.model_validate(resolved.hyperparameters),
         auto=resolved.auto,
     )

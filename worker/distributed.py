@@ -118,7 +118,7 @@ def run_distributed(
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     (run_dir / "spec.json").write_text(
-        json.dumps({"spec": dataclasses.asdict(spec), "output_dir": str(output_dir)})
+        json.dumps({"spec": spec.to_json(), "output_dir": str(output_dir)})
     )
     (run_dir / "train.json").write_text(json.dumps(train_records))
     (run_dir / "eval.json").write_text(json.dumps(eval_records))
@@ -300,7 +300,7 @@ def _train_rank(run_dir: Path) -> None:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     config = json.loads((run_dir / "spec.json").read_text())
-    spec = TrainingSpec(**config["spec"])
+    spec = TrainingSpec.from_json(config["spec"])
     output_dir = Path(config["output_dir"])
     train_records = json.loads((run_dir / "train.json").read_text())
     eval_records = json.loads((run_dir / "eval.json").read_text())

@@ -25,6 +25,7 @@ from app.ids import new_id
 from app.jobs import repository
 from app.jobs.events import append_event
 from app.jobs.models import Job, JobStatus, Throughput
+from app.jobs.schemas import LoraSpec
 from app.jobs.transitions import transition
 from app.settings import Settings
 from app.storage import artifact_store
@@ -141,10 +142,11 @@ def validate(context: JobContext) -> Validated:
     processes = settings.training_processes or node_processes()
     prepared = prepare_datasets(job, settings, location, context.workdir, processes, device=device)
     facts = prepared.facts
-    resolved = {name: prepared.hyperparameters[name] for name in prepared.auto}
+    hyperparameters = prepared.hyperparameters.model_dump(mode="json")
+    resolved = {name: hyperparameters[name] for name in prepared.auto}
     with unit_of_work() as session:
         repository.record_dataset(
-            session, job.id, dataset=dict(facts), hyperparameters=prepared.hyperparameters
+            session, job.id, dataset=dict(facts), hyperparameters=hyperparameters
         )
         chosen = ", ".join(f"{name}={value}" for name, value in resolved.items())
         auto = f" Auto hyperparameters: {chosen}." if resolved else ""
@@ -193,16 +195,15 @@ def train(context: JobContext, validated: Validated) -> Trained:
             checkpoint=checkpoint.id,
         )
     writer = ProgressWriter(job.id, settings.progress_interval_seconds)
-    kept = hp.get("checkpoints_kept") or settings.checkpoints_kept
+    kept = hp.checkpoints_kept or settings.checkpoints_kept
     spec = TrainingSpec(
         model_location=validated.location,
         hyperparameters=hp,
-        lora=job.lora,
+        lora=LoraSpec.model_validate(job.lora),
         model_kwargs=prepared.model_kwargs,
         bf16=validated.bf16,
-        checkpoint_every_steps=hp.get("checkpoint_every_steps") or settings.checkpoint_every_steps,
-        checkpoint_every_minutes=hp.get("checkpoint_every_minutes")
-        or settings.checkpoint_every_minutes,
+        checkpoint_every_steps=hp.checkpoint_every_steps or settings.checkpoint_every_steps,
+        checkpoint_every_minutes=hp.checkpoint_every_minutes or settings.checkpoint_every_minutes,
         checkpoints_kept=kept,
         resume_from=resume_from,
     )
@@ -293,7 +294,7 @@ def publish(
             job=job,
             base_model=validated.base_model,
             dataset=dict(validated.prepared.facts),
-            hyperparameters=validated.prepared.hyperparameters,
+            hyperparameters=validated.prepared.hyperparameters.model_dump(mode="json"),
             device={
                 **validated.device.facts(),
                 "bf16_autocast": validated.bf16,

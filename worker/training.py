@@ -1,7 +1,7 @@
 """The LoRA training pipeline: a plain function of (spec, records, output dir).
 
-It knows nothing of SQL or Celery; the job runner (worker/runner.py) wraps it. It reads top to
-bottom: load model -> build datasets -> trainer -> train -> save.
+It knows nothing of SQL or Celery; the job's train stage (worker/stages.py) wraps it. It reads
+top to bottom: load model -> build datasets -> trainer -> train -> save.
 """
 
 from __future__ import annotations
@@ -9,18 +9,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from app.jobs.schemas import LoraSpec, TrainingHyperparameters
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainingSpec:
+    """What to train: the base model on disk, typed hyperparameters ("auto" resolved) and LoRA
+    settings, and how often to checkpoint."""
+
     model_location: str
-    hyperparameters: dict[str, Any]
-    lora: dict[str, Any]
+    hyperparameters: TrainingHyperparameters
+    lora: LoraSpec
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -28,6 +33,23 @@ class TrainingSpec:
     checkpoint_every_minutes: float = 10.0
     checkpoints_kept: int = 3
     resume_from: str | None = None  # a local checkpoint directory to continue from
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "hyperparameters": self.hyperparameters.model_dump(mode="json"),
+            "lora": self.lora.model_dump(mode="json"),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainingSpec:
+        return cls(
+            **{
+                **data,
+                "hyperparameters": TrainingHyperparameters.model_validate(data["hyperparameters"]),
+                "lora": LoraSpec.model_validate(data["lora"]),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -196,25 +218,25 @@ def train_lora(
 
     config = SFTConfig(
         output_dir=str(output_dir / "trainer"),
-        num_train_epochs=hp["n_epochs"],
-        learning_rate=hp["learning_rate"],
-        per_device_train_batch_size=hp["batch_size"],
-        per_device_eval_batch_size=hp["batch_size"],
-        gradient_accumulation_steps=hp["gradient_accumulation_steps"],
-        max_length=hp["max_seq_length"],
-        warmup_steps=hp["warmup_ratio"],
-        lr_scheduler_type=hp["lr_scheduler"],
-        weight_decay=hp["weight_decay"],
-        seed=hp["seed"],
-        data_seed=hp["seed"],
+        num_train_epochs=hp.n_epochs,
+        learning_rate=hp.learning_rate,
+        per_device_train_batch_size=hp.batch_size,
+        per_device_eval_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        max_length=hp.max_seq_length,
+        warmup_steps=hp.warmup_ratio,
+        lr_scheduler_type=hp.lr_scheduler.value,
+        weight_decay=hp.weight_decay,
+        seed=hp.seed,
+        data_seed=hp.seed,
         bf16=spec.bf16,
         # TRL turns activation checkpointing on by default: a second forward pass in every
         # backward. Only a job that would not fit in memory without it pays that.
         gradient_checkpointing=spec.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=1,
-        eval_strategy=_eval_strategy(eval_dataset is not None, hp.get("eval_every_steps")),
-        eval_steps=hp.get("eval_every_steps"),
+        eval_strategy=_eval_strategy(eval_dataset is not None, hp.eval_every_steps),
+        eval_steps=hp.eval_every_steps,
         save_strategy="steps",
         save_steps=spec.checkpoint_every_steps,
         save_total_limit=spec.checkpoints_kept,
@@ -229,10 +251,10 @@ def train_lora(
         dataset_num_proc=None,
     )
     lora_config = LoraConfig(
-        r=spec.lora["r"],
-        lora_alpha=spec.lora["alpha"],
-        lora_dropout=spec.lora["dropout"],
-        target_modules=spec.lora["target_modules"],
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    ConfigDict,
     Field,
     StrictInt,
     TypeAdapter,
@@ -108,6 +109,17 @@ class Hyperparameters(RequestModel):
         le=1_000_000,
         description="Eval loss on validation_url every N steps (default: each epoch).",
     )
+
+
+class TrainingHyperparameters(Hyperparameters):
+    """The hyperparameters a run trains with: those of the job, every "auto" resolved to its
+    number by the worker (app/jobs/auto.py)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    n_epochs: StrictInt = Field(ge=1, le=100, description="Passes over the training set.")
+    learning_rate: float = Field(gt=0, le=1, description="Peak learning rate (AdamW).")
+    batch_size: StrictInt = Field(ge=1, le=1024, description="Examples per device step.")
 
 
 class LoraSpec(RequestModel):

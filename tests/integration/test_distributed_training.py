@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
+from app.jobs.schemas import LoraSpec, TrainingHyperparameters
 from tests.corpus import arithmetic_rows
 from tests.fixtures.env import MODEL_CACHE
 from worker.distributed import (
@@ -39,8 +40,8 @@ LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
 def _spec(tiny_model: str, **overrides: Any) -> TrainingSpec:
     return TrainingSpec(
         model_location=str(MODEL_CACHE / tiny_model),
-        hyperparameters={**HYPERPARAMETERS, **overrides},
-        lora=LORA,
+        hyperparameters=TrainingHyperparameters(**{**HYPERPARAMETERS, **overrides}),
+        lora=LoraSpec(**LORA),
     )
 
 
@@ -141,8 +142,8 @@ def test_stop_request_stops_every_rank_at_the_same_step(tiny_model: str, tmp_pat
 def test_a_failing_launch_raises_with_the_ranks_output(tmp_path: Path) -> None:
     spec = TrainingSpec(
         model_location=str(tmp_path / "no-such-model"),
-        hyperparameters=HYPERPARAMETERS,
-        lora=LORA,
+        hyperparameters=TrainingHyperparameters(**HYPERPARAMETERS),
+        lora=LoraSpec(**LORA),
     )
     with pytest.raises(RuntimeError, match="launcher exited with") as failure:
         run_distributed(spec, arithmetic_rows(4), None, tmp_path, TrainingHooks(), processes=2)

@@ -307,9 +307,12 @@ MEASURE = """
 import json, resource, sys, tempfile
 from pathlib import Path
 import datasets, peft, torch, transformers, trl  # the imports training pays for anyway
+from app.jobs.schemas import LoraSpec, TrainingHyperparameters
 from worker.training import TrainingSpec, train_lora
 
 location, records, hyperparameters, lora = json.loads(sys.argv[1])
+hyperparameters = TrainingHyperparameters.model_validate(hyperparameters)
+lora = LoraSpec.model_validate(lora)
 torch.set_num_threads(1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 with tempfile.TemporaryDirectory() as out:
