@@ -70,11 +70,6 @@ class TooManyRequests(TuneserveError):
     code = "rate_limited"
 
 
-class ServiceUnavailable(TuneserveError):
-    status_code = 503
-    code = "unavailable"
-
-
 class ErrorInfo(BaseModel):
     code: str
     message: str

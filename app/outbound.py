@@ -43,6 +43,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from app.errors import TuneserveError
+
 __all__ = [
     "MAX_REDIRECTS",
     "DeadlineExceeded",
@@ -109,8 +111,10 @@ _NAT64 = _net("64:ff9b::/96")
 # ---------------------------------------------------------------------------------------------
 
 
-class OutboundError(Exception):
+class OutboundError(TuneserveError):
     """A guarded request refused or abandoned. str() is a sentence without credentials."""
+
+    code = "outbound_refused"
 
 
 class Forbidden(OutboundError):

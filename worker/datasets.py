@@ -14,7 +14,6 @@ from app.datasets.fetch import FetchedDataset
 from app.datasets.formats import ParsedDataset
 from app.datasets.reading import (
     MAX_LISTED_ROWS,
-    DatasetFailure,
     bring_here,
     check_lengths,
     parse,
@@ -30,11 +29,7 @@ from app.jobs.steps import total_steps
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
-__all__ = ["MAX_LISTED_ROWS", "DatasetFacts", "JobFailure", "PreparedDatasets", "prepare_datasets"]
-
-
-# A reason to fail the job that the user can act on (bad dataset, missing model…).
-JobFailure = DatasetFailure
+__all__ = ["MAX_LISTED_ROWS", "DatasetFacts", "PreparedDatasets", "prepare_datasets"]
 
 
 class DatasetFacts(TypedDict, total=False):

@@ -28,7 +28,6 @@ from app.jobs.models import ACTIVE_STATUSES, Job, JobStatus
 from app.jobs.transitions import transition
 from app.settings import get_settings
 from worker import stages
-from worker.datasets import JobFailure
 from worker.heartbeat import Heartbeat
 from worker.sql import with_retries
 from worker.stages import JobContext, JobStopped
@@ -113,8 +112,6 @@ def run_job(job_id: str) -> None:
             _run_claimed(context)
         except JobStopped as stop:
             _finish_stopped(context, stop.reason)
-        except JobFailure as failure:
-            _fail(job_id, me, failure.code, failure.message, failure.detail)
         except TuneserveError as error:
             _fail(job_id, me, error.code, error.message, error.detail)
         except Exception as exc:

@@ -1,8 +1,8 @@
 """The stages of a claimed job, in order: validate, train, evaluate, publish, finish.
 
 Each stage writes what it learnt in a transaction of its own (its SQL in app/jobs/repository.py
-and the transitions module) and raises JobStopped or JobFailure to leave the run; worker/runner.py
-claims the job, runs the stages, and ends the job on every exit path.
+and the transitions module) and raises JobStopped or a TuneserveError to leave the run;
+worker/runner.py claims the job, runs the stages, and ends the job on every exit path.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
-from app.base_models.loading import BaseModelUnavailable, model_location
+from app.base_models.loading import model_location
 from app.base_models.registry import BaseModel, get_base_model
 from app.db import unit_of_work, utcnow
 from app.devices import Device, detect_device
@@ -30,7 +30,7 @@ from app.jobs.transitions import transition
 from app.settings import Settings
 from app.storage import artifact_store
 from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
-from worker.datasets import JobFailure, PreparedDatasets, prepare_datasets
+from worker.datasets import PreparedDatasets, prepare_datasets
 from worker.distributed import node_processes, run_distributed
 from worker.evaluation import evaluate_adapter
 from worker.heartbeat import Heartbeat
@@ -133,10 +133,7 @@ def validate(context: JobContext) -> Validated:
         )
     base_model = get_base_model(settings, job.base_model)
     event(job.id, "job.loading_model", f"Preparing base model {base_model.name}.")
-    try:
-        location = model_location(settings, base_model)
-    except BaseModelUnavailable as exc:
-        raise JobFailure(exc.code, exc.message) from exc
+    location = model_location(settings, base_model)  # BaseModelUnavailable fails the job
     context.check_stop()
 
     processes = settings.training_processes or node_processes()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -118,46 +122,84 @@ def _dataset(client: Client, value: str) -> str:
     return str(uploaded["id"])
 
 
-def job_body(
-    client: Client,
-    *,
-    dataset: str,
-    base_model: str | None,
-    validation: str | None,
-    epochs: str | None,
-    learning_rate: str | None,
-    batch_size: str | None,
-    max_seq_length: int | None,
-    lora_r: int | None,
-    lora_alpha: int | None,
-    seed: int | None,
-    suffix: str | None,
-    metadata: list[str] | None,
-    webhook_url: str | None = None,
-    webhook_secret: str | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class JobOptions:
+    """The options `jobs create` and `jobs plan` share: what makes a POST /jobs body."""
+
+    dataset: str
+    base_model: str | None = None
+    validation: str | None = None
+    epochs: str | None = None
+    learning_rate: str | None = None
+    batch_size: str | None = None
+    max_seq_length: int | None = None
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    seed: int | None = None
+    suffix: str | None = None
+    metadata: list[str] | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+
+
+def _job_options(
+    dataset: DatasetOption,
+    base_model: BaseModelOption = None,
+    validation: ValidationOption = None,
+    epochs: EpochsOption = None,
+    learning_rate: LearningRateOption = None,
+    batch_size: BatchSizeOption = None,
+    max_seq_length: MaxSeqLengthOption = None,
+    lora_r: LoraROption = None,
+    lora_alpha: LoraAlphaOption = None,
+    seed: SeedOption = None,
+    suffix: SuffixOption = None,
+    metadata: MetadataOption = None,
+    webhook_url: WebhookUrlOption = None,
+    webhook_secret: WebhookSecretOption = None,
+) -> None:
+    """The typer options of JobOptions, declared once (see takes_job_options)."""
+
+
+def takes_job_options(command: Callable[..., None]) -> Callable[..., None]:
+    """A command taking `options: JobOptions` first, shown to typer with the job options
+    followed by the command's own."""
+    shared = list(inspect.signature(_job_options, eval_str=True).parameters.values())
+    own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+
+    @functools.wraps(command)
+    def with_options(**given: Any) -> None:
+        options = JobOptions(**{p.name: given.pop(p.name) for p in shared})
+        command(options, **given)
+
+    with_options.__signature__ = inspect.Signature(shared + own)  # type: ignore[attr-defined]
+    with_options.__annotations__ = {p.name: p.annotation for p in shared + own}
+    return with_options
+
+
+def job_body(client: Client, options: JobOptions) -> dict[str, Any]:
     """The POST /jobs body of the options; what is not given is left to the api's defaults.
     The options are checked before a local dataset is uploaded."""
     hyperparameters = {
-        "n_epochs": _auto_or(epochs, int, "--epochs"),
-        "learning_rate": _auto_or(learning_rate, float, "--learning-rate"),
-        "batch_size": _auto_or(batch_size, int, "--batch-size"),
-        "max_seq_length": max_seq_length,
-        "seed": seed,
+        "n_epochs": _auto_or(options.epochs, int, "--epochs"),
+        "learning_rate": _auto_or(options.learning_rate, float, "--learning-rate"),
+        "batch_size": _auto_or(options.batch_size, int, "--batch-size"),
+        "max_seq_length": options.max_seq_length,
+        "seed": options.seed,
     }
-    lora = {"r": lora_r, "alpha": lora_alpha}
+    lora = {"r": options.lora_r, "alpha": options.lora_alpha}
     optional = {
-        "base_model": base_model,
-        "suffix": suffix,
-        "metadata": _metadata(metadata),
-        "webhook_url": webhook_url,
-        "webhook_secret": webhook_secret,
+        "base_model": options.base_model,
+        "suffix": options.suffix,
+        "metadata": _metadata(options.metadata),
+        "webhook_url": options.webhook_url,
+        "webhook_secret": options.webhook_secret,
         "hyperparameters": {k: v for k, v in hyperparameters.items() if v is not None},
         "lora": {k: v for k, v in lora.items() if v is not None},
     }
-    body: dict[str, Any] = {"dataset_url": _dataset(client, dataset)}
-    if validation:
-        body["validation_url"] = _dataset(client, validation)
+    body: dict[str, Any] = {"dataset_url": _dataset(client, options.dataset)}
+    if options.validation:
+        body["validation_url"] = _dataset(client, options.validation)
     body.update({key: value for key, value in optional.items() if value})
     return body
 
@@ -217,21 +259,9 @@ def _finish(job: dict[str, Any], as_json: bool) -> None:
 
 
 @jobs_app.command("create")
+@takes_job_options
 def jobs_create(
-    dataset: DatasetOption,
-    base_model: BaseModelOption = None,
-    validation: ValidationOption = None,
-    epochs: EpochsOption = None,
-    learning_rate: LearningRateOption = None,
-    batch_size: BatchSizeOption = None,
-    max_seq_length: MaxSeqLengthOption = None,
-    lora_r: LoraROption = None,
-    lora_alpha: LoraAlphaOption = None,
-    seed: SeedOption = None,
-    suffix: SuffixOption = None,
-    metadata: MetadataOption = None,
-    webhook_url: WebhookUrlOption = None,
-    webhook_secret: WebhookSecretOption = None,
+    options: JobOptions,
     follow: Annotated[
         bool, typer.Option("--follow", help="Show live progress until it ends.")
     ] = False,
@@ -240,24 +270,7 @@ def jobs_create(
 ) -> None:
     """Submit a fine-tuning job (epochs, learning rate and batch size default to auto)."""
     client = make_client(url)
-    body = job_body(
-        client,
-        dataset=dataset,
-        base_model=base_model,
-        validation=validation,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        max_seq_length=max_seq_length,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        seed=seed,
-        suffix=suffix,
-        metadata=metadata,
-        webhook_url=webhook_url,
-        webhook_secret=webhook_secret,
-    )
-    job = call(client, "POST", "/jobs", json=body)
+    job = call(client, "POST", "/jobs", json=job_body(client, options))
     secret = (job.get("webhook") or {}).get("secret")
     if secret and not as_json:
         note(f"webhook secret (shown only now; the webhook requests are signed with it): {secret}")
@@ -269,40 +282,11 @@ def jobs_create(
 
 
 @jobs_app.command("plan")
-def jobs_plan(
-    dataset: DatasetOption,
-    base_model: BaseModelOption = None,
-    validation: ValidationOption = None,
-    epochs: EpochsOption = None,
-    learning_rate: LearningRateOption = None,
-    batch_size: BatchSizeOption = None,
-    max_seq_length: MaxSeqLengthOption = None,
-    lora_r: LoraROption = None,
-    lora_alpha: LoraAlphaOption = None,
-    seed: SeedOption = None,
-    suffix: SuffixOption = None,
-    metadata: MetadataOption = None,
-    url: UrlOption = None,
-    as_json: JsonOption = False,
-) -> None:
+@takes_job_options
+def jobs_plan(options: JobOptions, url: UrlOption = None, as_json: JsonOption = False) -> None:
     """Dry run: the steps, time, peak memory and problems of a job, without running it."""
     client = make_client(url)
-    body = job_body(
-        client,
-        dataset=dataset,
-        base_model=base_model,
-        validation=validation,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        max_seq_length=max_seq_length,
-        lora_r=lora_r,
-        lora_alpha=lora_alpha,
-        seed=seed,
-        suffix=suffix,
-        metadata=metadata,
-    )
-    plan = call(client, "POST", "/jobs/plan", json=body)
+    plan = call(client, "POST", "/jobs/plan", json=job_body(client, options))
     print_json(plan) if as_json else console.print(plan_summary(plan))
 
 

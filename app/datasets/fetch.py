@@ -20,12 +20,13 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import httpx
 
 from app import outbound
+from app.errors import InvalidRequest
 
 __all__ = ["FetchError", "FetchedDataset", "fetch_dataset", "validate_dataset_url"]
 
@@ -51,16 +52,14 @@ class FetchedDataset:
     etag: str | None
 
 
-class FetchError(Exception):
+class FetchError(InvalidRequest):
     """A dataset URL that could not be fetched; code is stable and machine-readable."""
 
     def __init__(self, code: str, message: str) -> None:
-        self.code = code
-        self.message = message
-        super().__init__(code, message)
+        super().__init__(message, code=code)
 
-    def __str__(self) -> str:
-        return self.message
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.code, self.message))
 
 
 def _invalid(reason: str) -> FetchError:

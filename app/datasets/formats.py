@@ -19,6 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from app.errors import InvalidRequest
+
 __all__ = [
     "DatasetError",
     "DatasetFormat",
@@ -59,7 +61,7 @@ class RowError:
         return f"line {self.line}: {self.message}"
 
 
-class DatasetError(Exception):
+class DatasetError(InvalidRequest):
     """A dataset the user must fix. code is stable and machine-readable."""
 
     def __init__(
@@ -71,15 +73,13 @@ class DatasetError(Exception):
         error_count: int | None = None,
         rows_affected: int | None = None,
     ) -> None:
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
         self.errors: list[RowError] = list(errors[:MAX_KEPT_ERRORS])
         # The parser caps what it keeps itself, so it passes the true totals explicitly.
         self.error_count: int = len(errors) if error_count is None else error_count
         self.rows_affected: int = (
             len({e.line for e in errors}) if rows_affected is None else rows_affected
         )
-        super().__init__(code, message)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keep the row errors and totals when the exception crosses a process boundary (Celery).

@@ -12,7 +12,7 @@ from typing import Any
 from app.datasets.fetch import FetchedDataset, FetchError, fetch_dataset
 from app.datasets.formats import DatasetError, DatasetFormat, ParsedDataset, parse_dataset
 from app.db import unit_of_work
-from app.errors import NotFound
+from app.errors import InvalidRequest, NotFound
 from app.files.repository import get_file
 from app.settings import Settings
 from app.storage import artifact_store
@@ -20,15 +20,15 @@ from app.storage import artifact_store
 MAX_LISTED_ROWS = 10
 
 
-class DatasetFailure(Exception):
+class DatasetFailure(InvalidRequest):
     """A reason the dataset cannot be trained on that the user can act on (not found, invalid,
     rows too long…): fails a job, or answers a plan with a 400."""
 
     def __init__(self, code: str, message: str, detail: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.detail = detail
+        super().__init__(message, code=code, detail=detail)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.code, self.message, self.detail))
 
 
 def bring_here(

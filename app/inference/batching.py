@@ -91,14 +91,38 @@ class Batcher:
         self.rows: list[_Row] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
-        self.requests_served = 0
         self._stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self.thread.start()
 
+    # --- what other threads call -----------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Join the batch at the next step; the answer comes on `request.out`."""
+        self.inbox.put(request)
+
+    def holds_adapter(self, key: str) -> bool:
+        return key in self.slots.slot_of
+
+    def check_adapter(self, weights: AdapterWeights) -> None:
+        """Raise (400) when the adapter does not fit this model's slots."""
+        self.slots.check(weights)
+
+    def resident_adapters(self) -> list[str]:
+        return list(self.slots.slot_of)
+
+    def is_idle(self) -> bool:
+        return not self.rows and not self.waiting and self.inbox.empty()
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
     def stop(self) -> None:
         """End the thread after its current step (the model is being unloaded)."""
         self._stopping.set()
+
+    def join(self, timeout: float = 10) -> None:
+        self.thread.join(timeout=timeout)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -184,7 +208,6 @@ class Batcher:
             generator = torch.Generator().manual_seed(request.seed)
         row = _Row(request, slot, generator, StopScanner(request.stop))
         row.position = len(request.prompt_ids)
-        self.requests_served += 1
         if self._take(row, output.logits[0, -1]):
             self._join(row, cache)
 

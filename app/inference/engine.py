@@ -110,16 +110,19 @@ class InferenceEngine:
         for loaded in list(self._models.values()):
             loaded.batcher.stop()
         for loaded in list(self._models.values()):
-            loaded.batcher.thread.join(timeout=10)
+            loaded.batcher.join(timeout=10)
 
     def loaded_adapter_ids(self) -> frozenset[str]:
         """The adapters in a slot of this process (any base model) right now."""
         return frozenset(
-            key for loaded in list(self._models.values()) for key in loaded.batcher.slots.slot_of
+            key
+            for loaded in list(self._models.values())
+            for key in loaded.batcher.resident_adapters()
         )
 
     def adapter_slots_used(self) -> int:
-        return sum(len(loaded.batcher.slots.slot_of) for loaded in list(self._models.values()))
+        models = list(self._models.values())
+        return sum(len(loaded.batcher.resident_adapters()) for loaded in models)
 
     def generate(self, request: Generation) -> GenerationResult:
         """The whole generation at once: `stream` drained (bad requests raise as there)."""
@@ -161,9 +164,9 @@ class InferenceEngine:
             )
         key, path = request.adapter_key, request.adapter_path
         weights = None
-        if key is not None and path is not None and key not in loaded.batcher.slots.slot_of:
+        if key is not None and path is not None and not loaded.batcher.holds_adapter(key):
             weights = read_adapter(self._adapter_dir(path), key)
-            loaded.batcher.slots.check(weights)
+            loaded.batcher.check_adapter(weights)
         job = Request(
             prompt_ids=prompt_ids,
             adapter_key=key,
@@ -176,7 +179,7 @@ class InferenceEngine:
             seed=request.seed,
             cancelled=cancelled or threading.Event(),
         )
-        loaded.batcher.inbox.put(job)
+        loaded.batcher.submit(job)
 
         def observe(result: GenerationResult) -> None:
             self.metrics.observe_generation(
@@ -187,7 +190,7 @@ class InferenceEngine:
                 completion_tokens=result.completion_tokens,
             )
 
-        return GenerationStream(job, loaded.batcher.thread, on_result=observe)
+        return GenerationStream(job, loaded.batcher.is_alive, on_result=observe)
 
     def _adapter_dir(self, path: str) -> Path:
         store = artifact_store(self.settings)
@@ -198,11 +201,7 @@ class InferenceEngine:
             if base_model.name in self._models:
                 self._models.move_to_end(base_model.name)
                 return self._models[base_model.name]
-            idle = [
-                name
-                for name, loaded in self._models.items()
-                if not loaded.batcher.rows and not loaded.batcher.waiting
-            ]
+            idle = [name for name, loaded in self._models.items() if loaded.batcher.is_idle()]
             if len(self._models) >= BASE_MODELS_KEPT and idle:
                 self._models[idle[0]].batcher.stop()
                 del self._models[idle[0]]
@@ -260,11 +259,11 @@ class GenerationStream(Iterator[StreamItem]):
     def __init__(
         self,
         request: Request,
-        worker: threading.Thread,
+        worker_alive: Callable[[], bool],
         on_result: Callable[[GenerationResult], None] | None = None,
     ) -> None:
         self._request = request
-        self._worker = worker
+        self._worker_alive = worker_alive
         self._on_result = on_result
         self._done = False
 
@@ -273,7 +272,7 @@ class GenerationStream(Iterator[StreamItem]):
             try:
                 item = self._request.out.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                if not self._worker.is_alive():
+                if not self._worker_alive():
                     self._done = True
                     raise RuntimeError("the generation thread stopped") from None
                 continue

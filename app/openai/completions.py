@@ -58,7 +58,8 @@ class ChatMessage(OpenAIRequest):
 
 class StreamOptions(OpenAIRequest):
     include_usage: bool = False
-    include_obfuscation: bool | None = None
+    # As at OpenAI, chat chunks carry random `obfuscation` padding unless this is false.
+    include_obfuscation: bool = True
 
 
 # Fields of OpenAI's requests that tuneserve takes only at a value that asks for nothing it does
@@ -279,6 +280,17 @@ def _stream_error(message: str) -> str:
     return json.dumps(openai_error_body(500, "internal_error", message))
 
 
+OBFUSCATION_BLOCK = 64
+
+
+def _padding(chunk: dict[str, Any]) -> str:
+    """Random characters that round the chunk's size up to a whole block (and one more block
+    at random), so that sizes on the wire do not tell the text: OpenAI's stream obfuscation."""
+    size = len(json.dumps(chunk)) + len(', "obfuscation": ""')
+    missing = -size % OBFUSCATION_BLOCK + OBFUSCATION_BLOCK * secrets.randbelow(2)
+    return secrets.token_urlsafe(missing)[:missing] if missing else ""
+
+
 class _Chunks:
     """Engine stream items as OpenAI chunks: chat (`delta`) or text (`text`)."""
 
@@ -287,7 +299,9 @@ class _Chunks:
         self.kind = kind
         self.model = body.model
         self.created = int(time.time())
-        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        options = body.stream_options or StreamOptions()
+        self.include_usage = options.include_usage
+        self.obfuscate = kind == "chat" and options.include_obfuscation
         self.started = False
 
     def _chunk(self, choice: dict[str, Any] | None, usage: Usage | None = None) -> str:
@@ -302,6 +316,8 @@ class _Chunks:
             chunk["usage"] = usage.model_dump()
         elif self.include_usage and self.kind == "chat":
             chunk["usage"] = None  # chat chunks carry `usage: null` until the last one
+        if self.obfuscate:
+            chunk["obfuscation"] = _padding(chunk)
         return json.dumps(chunk)
 
     def _piece(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:

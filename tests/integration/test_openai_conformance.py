@@ -213,6 +213,15 @@ def test_chat_completion_answers_conform(
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == plain["choices"][0]["message"]["content"]
     assert (chunks[-1].get("usage") == plain["usage"]) is include_usage
+    # Stream obfuscation, on by default as at OpenAI: every chunk padded to whole blocks.
+    assert all(len(json.dumps(chunk)) % 64 == 0 for chunk in chunks)
+    bare = sse_chunks(
+        v1.post(
+            "/chat/completions",
+            json={**request, "stream": True, "stream_options": {"include_obfuscation": False}},
+        )
+    )
+    assert not any("obfuscation" in chunk for chunk in bare)
 
 
 @pytest.mark.parametrize("include_usage", [False, True])

@@ -16,7 +16,7 @@ from app.cli.adapters import pack_folder
 from app.cli.client import Client
 from app.cli.common import human_bytes, human_seconds, output_path
 from app.cli.job_views import job_summary, plan_summary
-from app.cli.jobs import job_body
+from app.cli.jobs import JobOptions, job_body
 
 JOB: dict[str, Any] = {
     "id": "ftjob-1",
@@ -161,7 +161,7 @@ def body(**options: Any) -> dict[str, Any]:
         "suffix": None,
         "metadata": None,
     }
-    return job_body(NoUploads("http://127.0.0.1:9"), **{**defaults, **options})
+    return job_body(NoUploads("http://127.0.0.1:9"), JobOptions(**{**defaults, **options}))
 
 
 def test_job_body_sends_only_what_was_given() -> None:
