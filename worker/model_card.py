@@ -75,6 +75,9 @@ def manifest(
         "auto_hyperparameters": job.auto_hyperparameters or [],
         "seed": hyperparameters.get("seed"),
         "lora": job.lora,
+        "parent": (
+            {key: job.parent[key] for key in ("reference", "kind", "id")} if job.parent else None
+        ),
         "method": "sft (TRL SFTTrainer), loss on assistant turns and completions only",
         "libraries": library_versions(),
         "device": device,
@@ -137,6 +140,11 @@ def model_card(facts: dict[str, Any]) -> str:
         "- hyperparameters: " + ", ".join(f"{k}={v}" for k, v in hp.items() if v is not None),
         f"- LoRA: r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
         f"target_modules={lora['target_modules']}",
+        *(
+            [f"- trained on from {parent['kind']} `{parent['reference']}` ({parent['id']})"]
+            if (parent := facts.get("parent"))
+            else []
+        ),
         f"- device: {facts['device'].get('kind')} {facts['device'].get('name')}",
         "- libraries: " + ", ".join(f"{k} {v}" for k, v in facts["libraries"].items() if v),
         "",

@@ -191,6 +191,18 @@ def train(context: JobContext, validated: Validated) -> Trained:
             step=checkpoint.step,
             checkpoint=checkpoint.id,
         )
+    start_from = None
+    if job.parent is not None:
+        local = context.workdir / "parent"
+        artifact_store(settings).get_dir(job.parent["path"], local)
+        start_from = str(local)
+        event(
+            job.id,
+            "job.parent",
+            f"Training on from {job.parent['kind']} {job.parent['reference']} "
+            f"({job.parent['id']}).",
+            **{key: job.parent[key] for key in ("reference", "kind", "id")},
+        )
     writer = ProgressWriter(job.id, settings.progress_interval_seconds)
     kept = hp.checkpoints_kept or settings.checkpoints_kept
     spec = TrainingSpec(
@@ -203,6 +215,7 @@ def train(context: JobContext, validated: Validated) -> Trained:
         checkpoint_every_minutes=hp.checkpoint_every_minutes or settings.checkpoint_every_minutes,
         checkpoints_kept=kept,
         resume_from=resume_from,
+        start_from=start_from,
     )
     heartbeat = context.heartbeat
     keeper = context.checkpoints = CheckpointKeeper(job.id, settings, kept)

@@ -33,6 +33,7 @@ class TrainingSpec:
     checkpoint_every_minutes: float = 10.0
     checkpoints_kept: int = 3
     resume_from: str | None = None  # a local checkpoint directory to continue from
+    start_from: str | None = None  # a local adapter directory to train on from (a parent)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -190,7 +191,7 @@ def train_lora(
     """Train a LoRA adapter and save it (PEFT format) into output_dir/adapter."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
@@ -203,7 +204,7 @@ def train_lora(
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         spec.model_location,
         dtype=torch.float32,
         trust_remote_code=False,
@@ -250,14 +251,19 @@ def train_lora(
         ddp_find_unused_parameters=False,
         dataset_num_proc=None,
     )
-    lora_config = LoraConfig(
-        r=spec.lora.r,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=spec.lora.target_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    lora_config = None
+    if spec.start_from is not None:
+        # The parent's weights and config, trainable: the run goes on from where it ended.
+        model = PeftModel.from_pretrained(model, spec.start_from, is_trainable=True)
+    else:
+        lora_config = LoraConfig(
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
     trainer = SFTTrainer(
         model=model,
         args=config,

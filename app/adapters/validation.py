@@ -31,6 +31,7 @@ class LoraFacts:
     rank: int
     alpha: float
     target_modules: list[str] | str
+    dropout: float = 0.0
 
 
 def _config_invalid(reason: str, **detail: Any) -> Exception:
@@ -45,8 +46,13 @@ def _config_invalid(reason: str, **detail: Any) -> Exception:
 
 def read_config(directory: Path) -> LoraFacts:
     """The LoRA facts of adapter_config.json; refused unless it is a plain LoRA config."""
+    return parse_config((directory / CONFIG).read_bytes())
+
+
+def parse_config(content: bytes) -> LoraFacts:
+    """The LoRA facts of an adapter_config.json's bytes; refused unless plain LoRA."""
     try:
-        config = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+        config = json.loads(content.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise _config_invalid("not UTF-8 text") from exc
     except ValueError as exc:
@@ -79,7 +85,10 @@ def read_config(directory: Path) -> LoraFacts:
             f"target_modules is {targets!r}, not a module name list or pattern",
             field="target_modules",
         )
-    return LoraFacts(rank=rank, alpha=float(alpha), target_modules=targets)
+    dropout = config.get("lora_dropout") or 0.0
+    if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+        raise _config_invalid(f"lora_dropout is {dropout!r}, not in [0, 1)", field="lora_dropout")
+    return LoraFacts(rank=rank, alpha=float(alpha), target_modules=targets, dropout=float(dropout))
 
 
 def _targeted(module: str, targets: list[str] | str) -> bool:

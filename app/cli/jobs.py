@@ -55,6 +55,13 @@ DatasetOption = Annotated[
 BaseModelOption = Annotated[
     str | None, typer.Option(help="Base model (`tuneserve models`; default model if omitted).")
 ]
+AdapterOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Train on from this adapter (a job id, adapter id or ft: name, or a checkpoint) "
+        "instead of a fresh LoRA."
+    ),
+]
 ValidationOption = Annotated[
     str | None, typer.Option(help="Validation set: a local file, a file id or a URL.")
 ]
@@ -128,6 +135,7 @@ class JobOptions:
 
     dataset: str
     base_model: str | None = None
+    adapter: str | None = None
     validation: str | None = None
     epochs: str | None = None
     learning_rate: str | None = None
@@ -145,6 +153,7 @@ class JobOptions:
 def _job_options(
     dataset: DatasetOption,
     base_model: BaseModelOption = None,
+    adapter: AdapterOption = None,
     validation: ValidationOption = None,
     epochs: EpochsOption = None,
     learning_rate: LearningRateOption = None,
@@ -190,6 +199,7 @@ def job_body(client: Client, options: JobOptions) -> dict[str, Any]:
     lora = {"r": options.lora_r, "alpha": options.lora_alpha}
     optional = {
         "base_model": options.base_model,
+        "adapter": options.adapter,
         "suffix": options.suffix,
         "metadata": _metadata(options.metadata),
         "webhook_url": options.webhook_url,

@@ -27,7 +27,7 @@ from app.jobs.schemas import (
     MetricList,
     MetricPoint,
 )
-from app.jobs.submission import submit_job
+from app.jobs.submission import plan_submission, submit_job
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -75,7 +75,7 @@ def create_job(
     safe: the same key with the same body returns the existing job instead of a second one.
     With `"dry_run": true`, answer the job's plan instead (200; nothing is stored or queued)."""
     if request.dry_run:
-        found = plan.plan_job(owner=owner, request=request, settings=settings)
+        found = plan_submission(owner=owner, request=request, settings=settings)
         return JSONResponse(found.model_dump(mode="json"))
     submission = submit_job(
         session, owner=owner, request=request, settings=settings, idempotency_key=idempotency_key
@@ -94,7 +94,7 @@ def plan_job(request: CreateJobRequest, owner: CurrentOwner, settings: SettingsD
     the steps, the estimated time and peak memory on its target device (and what to change when
     it does not fit), and the loss mask of the first 3 examples. Nothing is stored or queued;
     `dry_run` is ignored here."""
-    return plan.plan_job(owner=owner, request=request, settings=settings)
+    return plan_submission(owner=owner, request=request, settings=settings)
 
 
 @router.get("/{job_id}/plan", response_model=JobPlan, summary="A job's plan, computed now")

@@ -60,6 +60,8 @@ class Job(Base):
     # resolves them from the dataset, numbers after. Null on jobs from before "auto" existed.
     auto_hyperparameters: Mapped[list[str] | None] = mapped_column(JSON)
     lora: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # The adapter or checkpoint the job starts from (app/jobs/parents.py); None: a fresh LoRA.
+    parent: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     dataset: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -157,6 +157,15 @@ class CreateJobRequest(RequestModel):
         "an allowed directory.",
     )
     validation_url: str | None = Field(None, min_length=1, max_length=4096)
+    adapter: str | None = Field(
+        None,
+        min_length=1,
+        max_length=300,
+        description="Train on from this adapter instead of a fresh LoRA: a finished job's id, "
+        "an adapter id or name (ft:…), a checkpoint id or name (ft:…:ckpt-step-N), or an "
+        "imported adapter. It must be yours and of the same base model (base_model may be left "
+        "out); its LoRA settings are kept, so lora is left out.",
+    )
     suffix: str | None = Field(
         None, description="Up to 40 letters, digits, '-' or '_', added to the adapter name."
     )
@@ -296,6 +305,11 @@ class JobView(ResponseModel):
         default_factory=list, description='The hyperparameters that were asked as "auto".'
     )
     lora: dict[str, Any]
+    parent: dict[str, Any] | None = Field(
+        None,
+        description="The adapter or checkpoint the job trains on from (reference as given, "
+        "kind, id); null for a fresh LoRA.",
+    )
     progress: Progress | None
     dataset: dict[str, Any] | None = Field(
         None, description="Facts found while validating: rows, format, tokens, sha256, …"

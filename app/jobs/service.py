@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 from sqlalchemy.exc import IntegrityError
@@ -146,6 +146,7 @@ def create_job(
     request: CreateJobRequest,
     settings: Settings,
     idempotency_key: str | None = None,
+    parent: dict[str, Any] | None = None,
 ) -> JobSubmission:
     """Store a queued job and enqueue it once the caller commits.
 
@@ -174,6 +175,7 @@ def create_job(
         hyperparameters=hyperparameters,
         auto_hyperparameters=auto_fields(hyperparameters),
         lora=request.lora.model_dump(mode="json"),
+        parent=parent,
         metadata_=request.metadata,
         webhook_url=request.webhook_url,
         webhook_secret=(request.webhook_secret or new_secret()) if request.webhook_url else None,
@@ -276,6 +278,9 @@ def to_view(
         hyperparameters=job.hyperparameters,
         auto_hyperparameters=job.auto_hyperparameters or [],
         lora=job.lora,
+        parent=(
+            {key: job.parent[key] for key in ("reference", "kind", "id")} if job.parent else None
+        ),
         progress=Progress.model_validate(job.progress) if job.progress else None,
         dataset=job.dataset,
         adapter=AdapterRef(id=adapter.id, name=adapter.name) if adapter else None,

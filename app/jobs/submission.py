@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from app.db import unit_of_work
 from app.jobs import plan, service
-from app.jobs.schemas import CreateJobRequest
+from app.jobs.parents import resolve_parent
+from app.jobs.schemas import CreateJobRequest, JobPlan
 from app.settings import Settings
 
 
@@ -17,9 +19,26 @@ def submit_job(
     settings: Settings,
     idempotency_key: str | None = None,
 ) -> service.JobSubmission:
-    """Refuse a job that cannot fit its device (400 job_does_not_fit), then store it queued and
-    enqueue it once the caller commits (service.create_job: idempotency, limits, dataset URLs)."""
+    """Resolve the adapter it starts from (if any), refuse a job that cannot fit its device
+    (400 job_does_not_fit), then store it queued and enqueue it once the caller commits
+    (service.create_job: idempotency, limits, dataset URLs)."""
+    # Its own short session: on SQLite the request's session must not hold a transaction while
+    # the fit check opens another.
+    with unit_of_work() as reading:
+        request, parent = resolve_parent(reading, owner=owner, request=request, settings=settings)
     plan.check_fits(owner=owner, request=request, settings=settings)
     return service.create_job(
-        session, owner=owner, request=request, settings=settings, idempotency_key=idempotency_key
+        session,
+        owner=owner,
+        request=request,
+        settings=settings,
+        idempotency_key=idempotency_key,
+        parent=parent,
     )
+
+
+def plan_submission(*, owner: str, request: CreateJobRequest, settings: Settings) -> JobPlan:
+    """The plan of the job this request would submit (POST /jobs/plan, dry_run)."""
+    with unit_of_work() as session:
+        request, _ = resolve_parent(session, owner=owner, request=request, settings=settings)
+    return plan.plan_job(owner=owner, request=request, settings=settings)

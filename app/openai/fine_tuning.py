@@ -149,9 +149,12 @@ def native_request(body: CreateFineTuningJob) -> CreateJobRequest:
     if body.seed is not None:
         hyperparameters["seed"] = body.seed
     try:
+        # A fine-tuned model (ft:…, a checkpoint's too) is trained on, as OpenAI allows.
+        fine_tuned = body.model.startswith("ft:")
         return CreateJobRequest.model_validate(
             {
-                "base_model": body.model,
+                "base_model": None if fine_tuned else body.model,
+                "adapter": body.model if fine_tuned else None,
                 "dataset_url": body.training_file,
                 "validation_url": body.validation_file,
                 "suffix": body.suffix,
@@ -166,6 +169,7 @@ def native_request(body: CreateFineTuningJob) -> CreateJobRequest:
 # Native field names as OpenAI's request calls them.
 _OPENAI_NAMES = {
     "base_model": "model",
+    "adapter": "model",
     "dataset_url": "training_file",
     "validation_url": "validation_file",
     "hyperparameters.learning_rate": "hyperparameters.learning_rate_multiplier",
@@ -212,7 +216,7 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
         estimated_finish=(
             int(time.time() + eta) if eta is not None and job.status is JobStatus.RUNNING else None
         ),
-        model=job.base_model,
+        model=job.parent["reference"] if job.parent else job.base_model,
         fine_tuned_model=job.fine_tuned_model if job.status is JobStatus.SUCCEEDED else None,
         organization_id=job.owner,
         status=STATUSES.get(job.status, job.status.value),
