@@ -22,7 +22,7 @@ from app.datasets.reading import (
 from app.devices import Device
 from app.evaluation.split import EvaluationSplit, split_records
 from app.jobs.auto import Resolved, auto_fields, resolve
-from app.jobs.memory import batch_fits
+from app.jobs.memory import SEQUENCES_PER_ROW, batch_fits
 from app.jobs.models import Job
 from app.jobs.schemas import Hyperparameters, TrainingHyperparameters
 from app.jobs.steps import total_steps
@@ -63,8 +63,10 @@ def _bring_here(
     return bring_here(job.owner, url, settings, dest, field_name)
 
 
-def _parse(fetched: FetchedDataset, field_name: str, settings: Settings) -> ParsedDataset:
-    return parse(fetched, field_name, settings)
+def _parse(
+    fetched: FetchedDataset, field_name: str, settings: Settings, method: str
+) -> ParsedDataset:
+    return parse(fetched, field_name, settings, method=method)
 
 
 def _token_counts(parsed: ParsedDataset, tokenizer: Any) -> list[int]:
@@ -108,6 +110,7 @@ def resolve_hyperparameters(
             seq=seq,
             device_bytes=memory,
             accelerator=device.accelerator_class if device else "cpu",
+            sequences_per_row=SEQUENCES_PER_ROW[job.method_type],
         ),
     )
 
@@ -137,7 +140,7 @@ def prepare_datasets(
         url: str, name: str, field_name: str
     ) -> tuple[FetchedDataset, ParsedDataset, list[int]]:
         fetched = _bring_here(job, url, settings, workdir / name, field_name)
-        parsed = _parse(fetched, field_name, settings)
+        parsed = _parse(fetched, field_name, settings, job.method_type)
         counts = _token_counts(parsed, tokenizer)
         _check_lengths(parsed, counts, max_seq_length, fetched, field_name)
         return fetched, parsed, counts

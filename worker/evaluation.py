@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.datasets.loss_mask import token_mask
+from app.datasets.loss_mask import one_side, token_mask
 from app.evaluation.split import Split
 
 BATCH_ROWS = 8
@@ -62,10 +62,29 @@ def _precision(bf16: bool, device: Any) -> contextlib.AbstractContextManager[Any
 
 def mean_loss(model: Any, tokenizer: Any, records: list[dict[str, Any]], bf16: bool) -> float:
     """Mean cross-entropy over every trained token of records (token-weighted)."""
+    losses = row_losses(model, tokenizer, records, bf16)
+    return sum(total for total, _count in losses) / max(sum(n for _total, n in losses), 1)
+
+
+def preference_accuracy(
+    model: Any, tokenizer: Any, records: list[dict[str, Any]], bf16: bool
+) -> float:
+    """The share of preference rows whose chosen answer the model finds likelier than the
+    rejected one (summed log-probability of the answer's tokens)."""
+    chosen = row_losses(model, tokenizer, [one_side(r, "chosen") for r in records], bf16)
+    rejected = row_losses(model, tokenizer, [one_side(r, "rejected") for r in records], bf16)
+    wins = sum(c < r for (c, _), (r, _) in zip(chosen, rejected, strict=True))
+    return wins / max(len(records), 1)
+
+
+def row_losses(
+    model: Any, tokenizer: Any, records: list[dict[str, Any]], bf16: bool
+) -> list[tuple[float, int]]:
+    """(summed cross-entropy, trained tokens) of each record."""
     import torch
 
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    found: list[tuple[float, int]] = []
     examples = [token_mask(tokenizer, record) for record in records]
     for start in range(0, len(examples), BATCH_ROWS):
         batch = examples[start : start + BATCH_ROWS]
@@ -86,14 +105,11 @@ def mean_loss(model: Any, tokenizer: Any, records: list[dict[str, Any]], bf16: b
             ).logits.float()
         shifted = labels[:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)),
-            shifted.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
+            logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100, reduction="none"
         )
-        total += float(losses)
-        count += int((shifted != -100).sum())
-    return total / max(count, 1)
+        for row in range(len(batch)):
+            found.append((float(losses[row].sum()), int((shifted[row] != -100).sum())))
+    return found
 
 
 def answers(
@@ -141,6 +157,9 @@ def evaluate_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
+    pairs = records if records and "chosen" in records[0] else None
+    if pairs is not None:  # preference rows: losses and samples on the chosen answers
+        records = [one_side(record, "chosen") for record in pairs]
     kwargs = model_kwargs or {}
     tokenizer = AutoTokenizer.from_pretrained(model_location, trust_remote_code=False, **kwargs)
     if tokenizer.pad_token is None:
@@ -161,10 +180,20 @@ def evaluate_adapter(
 
     adapter_loss = mean_loss(model, tokenizer, records, bf16)
     adapter_answers = answers(model, tokenizer, prompts, max_new_tokens, bf16)
+    preference: dict[str, float] = {}
+    if pairs is not None:
+        preference["adapter_preference_accuracy"] = preference_accuracy(
+            model, tokenizer, pairs, bf16
+        )
     with model.disable_adapter():
         base_loss = mean_loss(model, tokenizer, records, bf16)
         base_answers = answers(model, tokenizer, prompts, max_new_tokens, bf16)
+        if pairs is not None:
+            preference["base_preference_accuracy"] = preference_accuracy(
+                model, tokenizer, pairs, bf16
+            )
     return {
+        **{key: round(value, 6) for key, value in preference.items()},
         "split": split,
         "rows": len(records),
         "base_eval_loss": round(base_loss, 6),

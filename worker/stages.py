@@ -25,7 +25,7 @@ from app.ids import new_id
 from app.jobs import repository
 from app.jobs.events import append_event
 from app.jobs.models import Job, JobStatus, Throughput
-from app.jobs.schemas import LoraSpec
+from app.jobs.schemas import LoraSpec, Method
 from app.jobs.transitions import transition
 from app.settings import Settings
 from app.storage import artifact_store
@@ -209,6 +209,7 @@ def train(context: JobContext, validated: Validated) -> Trained:
         model_location=validated.location,
         hyperparameters=hp,
         lora=LoraSpec.model_validate(job.lora),
+        method=Method.model_validate(job.method or {}),
         model_kwargs=prepared.model_kwargs,
         bf16=validated.bf16,
         checkpoint_every_steps=hp.checkpoint_every_steps or settings.checkpoint_every_steps,
@@ -279,12 +280,18 @@ def evaluate(
             level="warning",
         )
         return None
+    accuracy = ""
+    if evaluation.get("adapter_preference_accuracy") is not None:
+        accuracy = (
+            f" Preference accuracy: base {evaluation['base_preference_accuracy']:.0%}, adapter "
+            f"{evaluation['adapter_preference_accuracy']:.0%}."
+        )
     event(
         job_id,
         "job.evaluated",
         f"Eval loss on {evaluation['rows']} {evaluation['split']} rows: base "
         f"{evaluation['base_eval_loss']:.4f}, adapter {evaluation['adapter_eval_loss']:.4f} "
-        f"({evaluation['improvement']:+.1%}).",
+        f"({evaluation['improvement']:+.1%}).{accuracy}",
         **{key: value for key, value in evaluation.items() if key != "samples"},
     )
     return evaluation

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from app.jobs.schemas import LoraSpec, TrainingHyperparameters
+from app.jobs.schemas import LoraSpec, Method, MethodType, TrainingHyperparameters
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ class TrainingSpec:
     model_location: str
     hyperparameters: TrainingHyperparameters
     lora: LoraSpec
+    method: Method = field(default_factory=Method)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -40,6 +41,7 @@ class TrainingSpec:
             **{f.name: getattr(self, f.name) for f in fields(self)},
             "hyperparameters": self.hyperparameters.model_dump(mode="json"),
             "lora": self.lora.model_dump(mode="json"),
+            "method": self.method.model_dump(mode="json"),
         }
 
     @classmethod
@@ -49,6 +51,7 @@ class TrainingSpec:
                 **data,
                 "hyperparameters": TrainingHyperparameters.model_validate(data["hyperparameters"]),
                 "lora": LoraSpec.model_validate(data["lora"]),
+                "method": Method.model_validate(data["method"]),
             }
         )
 
@@ -188,16 +191,18 @@ def train_lora(
     hooks: TrainingHooks | None = None,
     extra_callbacks: list[Any] | None = None,
 ) -> TrainingResult:
-    """Train a LoRA adapter and save it (PEFT format) into output_dir/adapter."""
+    """Train a LoRA adapter with the job's method (TRL's SFTTrainer, or DPOTrainer on preference
+    rows) and save it (PEFT format) into output_dir/adapter."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
     hooks = hooks or TrainingHooks()
     hp = spec.hyperparameters
     started = time.monotonic()
+    preference = spec.method.type is MethodType.DPO
 
     tokenizer = AutoTokenizer.from_pretrained(
         spec.model_location, trust_remote_code=False, **spec.model_kwargs
@@ -212,48 +217,48 @@ def train_lora(
         **spec.model_kwargs,
     )
 
-    train_dataset = Dataset.from_list(trained_tokens(tokenizer, train_records))
-    eval_dataset = (
-        Dataset.from_list(trained_tokens(tokenizer, eval_records)) if eval_records else None
-    )
+    def dataset(records: list[dict[str, Any]]) -> Any:
+        # DPO rows go as they are (TRL applies the chat template to conversational ones).
+        return Dataset.from_list(records if preference else trained_tokens(tokenizer, records))
 
-    config = SFTConfig(
-        output_dir=str(output_dir / "trainer"),
-        num_train_epochs=hp.n_epochs,
-        learning_rate=hp.learning_rate,
-        per_device_train_batch_size=hp.batch_size,
-        per_device_eval_batch_size=hp.batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
-        max_length=hp.max_seq_length,
-        warmup_steps=hp.warmup_ratio,
-        lr_scheduler_type=hp.lr_scheduler.value,
-        weight_decay=hp.weight_decay,
-        seed=hp.seed,
-        data_seed=hp.seed,
-        bf16=spec.bf16,
+    train_dataset = dataset(train_records)
+    eval_dataset = dataset(eval_records) if eval_records else None
+
+    common: dict[str, Any] = {
+        "output_dir": str(output_dir / "trainer"),
+        "num_train_epochs": hp.n_epochs,
+        "learning_rate": hp.learning_rate,
+        "per_device_train_batch_size": hp.batch_size,
+        "per_device_eval_batch_size": hp.batch_size,
+        "gradient_accumulation_steps": hp.gradient_accumulation_steps,
+        "max_length": hp.max_seq_length,
+        "warmup_steps": hp.warmup_ratio,
+        "lr_scheduler_type": hp.lr_scheduler.value,
+        "weight_decay": hp.weight_decay,
+        "seed": hp.seed,
+        "data_seed": hp.seed,
+        "bf16": spec.bf16,
         # TRL turns activation checkpointing on by default: a second forward pass in every
         # backward. Only a job that would not fit in memory without it pays that.
-        gradient_checkpointing=spec.gradient_checkpointing,
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=1,
-        eval_strategy=_eval_strategy(eval_dataset is not None, hp.eval_every_steps),
-        eval_steps=hp.eval_every_steps,
-        save_strategy="steps",
-        save_steps=spec.checkpoint_every_steps,
-        save_total_limit=spec.checkpoints_kept,
-        report_to="none",
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        # Batches of rows of similar length: little padding to compute and throw away.
-        train_sampling_strategy="group_by_length",
-        packing=False,
-        ddp_find_unused_parameters=False,
-        dataset_num_proc=None,
-    )
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "use_cpu": not torch.cuda.is_available(),
+        "logging_steps": 1,
+        "eval_strategy": _eval_strategy(eval_dataset is not None, hp.eval_every_steps),
+        "eval_steps": hp.eval_every_steps,
+        "save_strategy": "steps",
+        "save_steps": spec.checkpoint_every_steps,
+        "save_total_limit": spec.checkpoints_kept,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "include_num_input_tokens_seen": "non_padding",
+        "dataloader_num_workers": 0,
+        "ddp_find_unused_parameters": False,
+        "dataset_num_proc": None,
+    }
     lora_config = None
     if spec.start_from is not None:
-        # The parent's weights and config, trainable: the run goes on from where it ended.
+        # The parent's weights and config, trainable: the run goes on from where it ended (DPO's
+        # reference is then a frozen copy of the parent, not the base model).
         model = PeftModel.from_pretrained(model, spec.start_from, is_trainable=True)
     else:
         lora_config = LoraConfig(
@@ -264,15 +269,35 @@ def train_lora(
             bias="none",
             task_type="CAUSAL_LM",
         )
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config,
-        callbacks=[_make_callback(spec, hooks), *(extra_callbacks or [])],
-    )
+    callbacks = [_make_callback(spec, hooks), *(extra_callbacks or [])]
+    trainer: Any
+    if preference:
+        assert spec.method.dpo is not None
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**common, beta=spec.method.dpo.beta),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config,
+            callbacks=callbacks,
+        )
+    else:
+        config = SFTConfig(
+            **common,
+            # Batches of rows of similar length: little padding to compute and throw away.
+            train_sampling_strategy="group_by_length",
+            packing=False,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config,
+            callbacks=callbacks,
+        )
     output = trainer.train(resume_from_checkpoint=spec.resume_from)
     state = trainer.state
     stopped_early = state.global_step < state.max_steps
@@ -281,8 +306,9 @@ def train_lora(
     eval_loss = float(eval_losses[-1]) if eval_losses else None
     if not stopped_early and trainer.is_world_process_zero():
         adapter_dir = output_dir / "adapter"
-        trainer.model.save_pretrained(  # type: ignore[union-attr,operator]
-            str(adapter_dir), safe_serialization=True
+        # Only the trained adapter (DPO from a parent also holds its frozen "ref" copy).
+        trainer.model.save_pretrained(
+            str(adapter_dir), safe_serialization=True, selected_adapters=["default"]
         )
         tokenizer.save_pretrained(str(adapter_dir))
     return TrainingResult(

@@ -55,6 +55,13 @@ DatasetOption = Annotated[
 BaseModelOption = Annotated[
     str | None, typer.Option(help="Base model (`tuneserve models`; default model if omitted).")
 ]
+MethodOption = Annotated[
+    str | None,
+    typer.Option(help="supervised (default) or dpo (preference rows: prompt, chosen, rejected)."),
+]
+BetaOption = Annotated[
+    float | None, typer.Option(help="dpo: how far the adapter may move from its reference.")
+]
 AdapterOption = Annotated[
     str | None,
     typer.Option(
@@ -136,6 +143,8 @@ class JobOptions:
     dataset: str
     base_model: str | None = None
     adapter: str | None = None
+    method: str | None = None
+    beta: float | None = None
     validation: str | None = None
     epochs: str | None = None
     learning_rate: str | None = None
@@ -154,6 +163,8 @@ def _job_options(
     dataset: DatasetOption,
     base_model: BaseModelOption = None,
     adapter: AdapterOption = None,
+    method: MethodOption = None,
+    beta: BetaOption = None,
     validation: ValidationOption = None,
     epochs: EpochsOption = None,
     learning_rate: LearningRateOption = None,
@@ -197,7 +208,13 @@ def job_body(client: Client, options: JobOptions) -> dict[str, Any]:
         "seed": options.seed,
     }
     lora = {"r": options.lora_r, "alpha": options.lora_alpha}
+    method: dict[str, Any] | None = None
+    if options.method or options.beta is not None:
+        method = {"type": options.method or ("dpo" if options.beta is not None else "supervised")}
+        if options.beta is not None:
+            method["dpo"] = {"beta": options.beta}
     optional = {
+        "method": method,
         "base_model": options.base_model,
         "adapter": options.adapter,
         "suffix": options.suffix,

@@ -47,6 +47,8 @@ class DatasetFormat(StrEnum):
     TEXT = "text"
     ALPACA = "alpaca"
     SHAREGPT = "sharegpt"
+    # A prompt with a chosen and a rejected answer, for preference tuning (method dpo).
+    PREFERENCE = "preference"
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ class ParsedDataset:
 # Keys that identify a shape, in priority order: a row carrying keys of several shapes is taken
 # as the first listed (e.g. a chat row with a leftover "text" column is chat).
 _SHAPE_KEYS: tuple[tuple[DatasetFormat, frozenset[str]], ...] = (
+    (
+        DatasetFormat.PREFERENCE,
+        frozenset({"chosen", "rejected", "preferred_output", "non_preferred_output"}),
+    ),
     (DatasetFormat.CHAT, frozenset({"messages"})),
     (DatasetFormat.SHAREGPT, frozenset({"conversations"})),
     (DatasetFormat.ALPACA, frozenset({"instruction", "output"})),
@@ -135,8 +141,15 @@ _SHAPE_EXAMPLES: dict[DatasetFormat, str] = {
     DatasetFormat.SHAREGPT: (
         '{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}'
     ),
+    DatasetFormat.PREFERENCE: (
+        '{"prompt": "2+2=", "chosen": "4", "rejected": "5"} (TRL; or message lists), or '
+        '{"input": {"messages": [{"role": "user", "content": "2+2?"}]}, "preferred_output": '
+        '[{"role": "assistant", "content": "4"}], "non_preferred_output": [{"role": '
+        '"assistant", "content": "5"}]} (OpenAI)'
+    ),
 }
 
+PREFERENCE_EXAMPLE = '{"prompt": "2+2=", "chosen": "4", "rejected": "5"}'
 _CHAT_ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES: dict[str, str] = {
     "system": "system",
@@ -341,6 +354,79 @@ def _normalise_prompt_completion(
     return {"prompt": prompt, "completion": completion}
 
 
+def _messages(
+    value: Any, path: str, line: int, errors: _Errors, *, roles: tuple[str, ...]
+) -> list[dict[str, str]] | None:
+    """A non-empty list of {"role", "content"} messages with these roles, or None (recorded)."""
+    if value is None:
+        errors.add(line, path, "is missing")
+        return None
+    if not isinstance(value, list) or not value:
+        errors.add(line, path, f"must be a non-empty list of messages, got {_type_name(value)}")
+        return None
+    before = errors.count
+    messages = []
+    for index, turn in enumerate(value):
+        where = f"{path}[{index}]"
+        if not isinstance(turn, dict):
+            errors.add(line, where, f"must be a message object, got {_type_name(turn)}")
+            continue
+        role = _get_str(turn, "role", f"{where}.role", line, errors)
+        if role is not None and role not in roles:
+            errors.add(line, f"{where}.role", f"is {role!r}; allowed roles: {', '.join(roles)}")
+        content = _get_str(turn, "content", f"{where}.content", line, errors)
+        if role is not None and content is not None:
+            messages.append({"role": role, "content": content})
+    return messages if errors.count == before else None
+
+
+def _normalise_preference(row: dict[str, Any], line: int, errors: _Errors) -> dict[str, Any] | None:
+    """OpenAI's DPO rows (input.messages, preferred_output, non_preferred_output) or TRL's
+    (prompt, chosen, rejected; text or messages), as TRL's: prompt, chosen and rejected."""
+    before = errors.count
+    answer_roles = ("assistant",)
+    if {"input", "preferred_output", "non_preferred_output"} & row.keys():
+        request = row.get("input")
+        if not isinstance(request, dict):
+            errors.add(line, "input", f"must be an object with messages, got {_type_name(request)}")
+            prompt = None
+        else:
+            prompt = _messages(
+                request.get("messages"), "input.messages", line, errors, roles=_CHAT_ROLES
+            )
+        chosen = _messages(
+            row.get("preferred_output"), "preferred_output", line, errors, roles=answer_roles
+        )
+        rejected = _messages(
+            row.get("non_preferred_output"),
+            "non_preferred_output",
+            line,
+            errors,
+            roles=answer_roles,
+        )
+        if errors.count != before:
+            return None
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    found: dict[str, Any] = {}
+    for key in ("prompt", "chosen", "rejected"):
+        value = row.get(key)
+        if isinstance(value, list):
+            roles = _CHAT_ROLES if key == "prompt" else answer_roles
+            found[key] = _messages(value, key, line, errors, roles=roles)
+        else:
+            found[key] = _get_str(row, key, key, line, errors)
+    if errors.count != before:
+        return None
+    if len({isinstance(value, list) for value in found.values()}) > 1:
+        errors.add(
+            line,
+            "",
+            "prompt, chosen and rejected must all be text or all be message lists, not a mix",
+        )
+        return None
+    return found
+
+
 def _normalise_text(row: dict[str, Any], line: int, errors: _Errors) -> dict[str, Any] | None:
     text = _get_str(row, "text", "text", line, errors)
     return None if text is None else {"text": text}
@@ -352,6 +438,7 @@ _NORMALISERS = {
     DatasetFormat.ALPACA: _normalise_alpaca,
     DatasetFormat.PROMPT_COMPLETION: _normalise_prompt_completion,
     DatasetFormat.TEXT: _normalise_text,
+    DatasetFormat.PREFERENCE: _normalise_preference,
 }
 
 

@@ -152,7 +152,17 @@ def _text(tokenizer: Any, text: str) -> _Rendered:
     return _Rendered(text=text, input_ids=ids, starts=starts, mask=[True] * len(ids))
 
 
+def one_side(record: dict[str, Any], side: str) -> dict[str, Any]:
+    """A preference row's prompt with its `chosen` or `rejected` answer, as a chat or
+    prompt-completion row (what the preference loss scores)."""
+    if isinstance(record["prompt"], list):
+        return {"messages": [*record["prompt"], *record[side]]}
+    return {"prompt": record["prompt"], "completion": record[side]}
+
+
 def _render_record(tokenizer: Any, record: dict[str, Any]) -> _Rendered:
+    if "chosen" in record:  # a preference row: shown with its chosen answer
+        return _render_record(tokenizer, one_side(record, "chosen"))
     if "messages" in record:
         return _chat(tokenizer, record["messages"])
     if "prompt" in record:

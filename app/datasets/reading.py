@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from app.datasets.fetch import FetchedDataset, FetchError, fetch_dataset
-from app.datasets.formats import DatasetError, DatasetFormat, ParsedDataset, parse_dataset
+from app.datasets.formats import (
+    PREFERENCE_EXAMPLE,
+    DatasetError,
+    DatasetFormat,
+    ParsedDataset,
+    parse_dataset,
+)
+from app.datasets.loss_mask import one_side
 from app.db import unit_of_work
 from app.errors import InvalidRequest, NotFound
 from app.files.repository import get_file
@@ -64,7 +71,34 @@ def bring_here(
         raise DatasetFailure(exc.code, f"{field_name}: {exc.message}") from exc
 
 
-def parse(fetched: FetchedDataset, field_name: str, settings: Settings) -> ParsedDataset:
+def parse(
+    fetched: FetchedDataset, field_name: str, settings: Settings, *, method: str = "supervised"
+) -> ParsedDataset:
+    """The dataset read and checked row by row, and fit for the job's method: preference rows
+    (a chosen and a rejected answer) for dpo, any other shape for supervised."""
+    parsed = _parse(fetched, field_name, settings)
+    preference = parsed.format is DatasetFormat.PREFERENCE
+    where = f"{field_name} ({fetched.filename})"
+    if method == "dpo" and not preference:
+        raise DatasetFailure(
+            "dataset_method_mismatch",
+            f"{where}: method dpo learns from preference rows, each a prompt with a chosen and a "
+            f"rejected answer, but this dataset's rows are {parsed.format.value} (line "
+            f"{parsed.lines[0]}). Give rows like {PREFERENCE_EXAMPLE}, or use method supervised.",
+            {"field": field_name, "format": parsed.format.value},
+        )
+    if method == "supervised" and preference:
+        raise DatasetFailure(
+            "dataset_method_mismatch",
+            f"{where}: its rows are preference rows (a chosen and a rejected answer, line "
+            f"{parsed.lines[0]}), which method supervised cannot learn from; set "
+            'method {"type": "dpo"} to learn the preference.',
+            {"field": field_name, "format": parsed.format.value},
+        )
+    return parsed
+
+
+def _parse(fetched: FetchedDataset, field_name: str, settings: Settings) -> ParsedDataset:
     try:
         return parse_dataset(
             fetched.path,
@@ -87,18 +121,21 @@ def parse(fetched: FetchedDataset, field_name: str, settings: Settings) -> Parse
 
 def token_counts(parsed: ParsedDataset, tokenizer: Any) -> list[int]:
     """Tokens of each row as training sees it (chat template applied, EOS counted)."""
-    counts = []
-    for record in parsed.records:
-        if parsed.format is DatasetFormat.PROMPT_COMPLETION:
-            ids = tokenizer(record["prompt"] + record["completion"])["input_ids"]
-            counts.append(len(ids) + 1)  # + eos
-        elif parsed.format is DatasetFormat.TEXT:
-            counts.append(len(tokenizer(record["text"])["input_ids"]) + 1)
-        else:
-            rendered = tokenizer.apply_chat_template(record["messages"], tokenize=True)
-            ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
-            counts.append(len(ids))
-    return counts
+    if parsed.format is DatasetFormat.PREFERENCE:  # the longer of prompt + each answer
+        return [
+            max(_tokens(tokenizer, one_side(record, side)) for side in ("chosen", "rejected"))
+            for record in parsed.records
+        ]
+    return [_tokens(tokenizer, record) for record in parsed.records]
+
+
+def _tokens(tokenizer: Any, record: dict[str, Any]) -> int:
+    if "completion" in record:
+        return len(tokenizer(record["prompt"] + record["completion"])["input_ids"]) + 1  # + eos
+    if "text" in record:
+        return len(tokenizer(record["text"])["input_ids"]) + 1
+    rendered = tokenizer.apply_chat_template(record["messages"], tokenize=True)
+    return len(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
 
 
 def rows_too_long(

@@ -70,6 +70,11 @@ class MemoryEstimate:
         )
 
 
+# Sequences one row puts through the model: dpo runs a row's chosen and rejected answers together
+# (and its reference pass keeps no activations for backward).
+SEQUENCES_PER_ROW = {"supervised": 1, "dpo": 2}
+
+
 def estimate_memory(
     facts: ModelFacts,
     *,
@@ -78,9 +83,10 @@ def estimate_memory(
     lora_r: int,
     target_modules: str | list[str],
     accelerator: str = "cpu",
+    sequences_per_row: int = 1,
 ) -> MemoryEstimate:
     """The peak of a job on one device of the accelerator class (rocm, cuda or cpu)."""
-    tokens = batch * seq
+    tokens = batch * seq * sequences_per_row
     return MemoryEstimate(
         weights=facts.params * FP32 * WEIGHT_COPIES.get(accelerator, 1),
         lora_and_optimizer=facts.lora_params(lora_r, target_modules) * FP32 * OPTIMIZER_COPIES,
@@ -111,6 +117,7 @@ def batch_fits(
     seq: int,
     device_bytes: int | None,
     accelerator: str = "cpu",
+    sequences_per_row: int = 1,
 ) -> Callable[[int], bool]:
     """Whether a batch_size fits the device (always, when its memory is unknown)."""
 
@@ -124,6 +131,7 @@ def batch_fits(
             lora_r=int(lora["r"]),
             target_modules=lora["target_modules"],
             accelerator=accelerator,
+            sequences_per_row=sequences_per_row,
         )
         return fits(estimate, device_bytes)
 

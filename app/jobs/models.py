@@ -62,6 +62,13 @@ class Job(Base):
     lora: Mapped[dict[str, Any]] = mapped_column(JSON)
     # The adapter or checkpoint the job starts from (app/jobs/parents.py); None: a fresh LoRA.
     parent: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # How the adapter learns (app/jobs/schemas.py Method); None on jobs made before methods.
+    method: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    @property
+    def method_type(self) -> str:
+        return str((self.method or {}).get("type", "supervised"))
+
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     dataset: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)

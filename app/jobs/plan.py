@@ -43,6 +43,7 @@ from app.files.repository import get_file
 from app.jobs import repository
 from app.jobs.auto import auto_fields, resolve
 from app.jobs.memory import (
+    SEQUENCES_PER_ROW,
     MemoryEstimate,
     batch_fits,
     estimate_memory,
@@ -190,11 +191,13 @@ class _Read:
     counts: list[int] = field(default_factory=list)
 
 
-def _read(owner: str, url: str, settings: Settings, workdir: Path, field_name: str) -> _Read:
+def _read(
+    owner: str, url: str, settings: Settings, workdir: Path, field_name: str, method: str
+) -> _Read:
     """The dataset brought here and parsed as the worker does; a failure is the job's error."""
     try:
         fetched = bring_here(owner, url, settings, workdir / field_name, field_name)
-        parsed = parse(fetched, field_name, settings)
+        parsed = parse(fetched, field_name, settings, method=method)
     except DatasetFailure as failure:
         status = 404 if failure.code == "dataset_not_found" else 400
         error = PlanDatasetError(failure.message, code=failure.code, detail=failure.detail)
@@ -218,6 +221,7 @@ def _memory(
     lora: dict[str, Any],
     rows: int,
     counts: list[int],
+    method: str = "supervised",
 ) -> PlanMemory:
     seq = min(int(hyperparameters["max_seq_length"]), max(counts))
     estimate = estimate_memory(
@@ -227,6 +231,7 @@ def _memory(
         lora_r=int(lora["r"]),
         target_modules=lora["target_modules"],
         accelerator=device.accelerator,
+        sequences_per_row=SEQUENCES_PER_ROW[method],
     )
     fitting = None if device.memory_bytes is None else fits(estimate, device.memory_bytes)
     suggestion = None
@@ -300,11 +305,12 @@ def plan_job(
     problems: list[PlanProblem] = []
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="plan-", dir=settings.data_dir) as workdir:
-        train = _read(owner, request.dataset_url, settings, Path(workdir), "dataset_url")
+        method = request.method.type.value
+        train = _read(owner, request.dataset_url, settings, Path(workdir), "dataset_url", method)
         validation = None
         if request.validation_url is not None:
             validation = _read(
-                owner, request.validation_url, settings, Path(workdir), "validation_url"
+                owner, request.validation_url, settings, Path(workdir), "validation_url", method
             )
     with tokenizer_of(settings, base_model) as tokenizer:
         for read in (train, validation):
@@ -338,6 +344,7 @@ def plan_job(
             seq=seq,
             device_bytes=device.memory_bytes,
             accelerator=device.accelerator,
+            sequences_per_row=SEQUENCES_PER_ROW[method],
         ),
     )
     hyperparameters = resolved.hyperparameters
@@ -384,6 +391,7 @@ def plan_job(
             lora=lora,
             rows=rows,
             counts=train.counts,
+            method=method,
         ),
         loss_mask_preview=previews,
         problems=problems,
@@ -435,6 +443,7 @@ def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> 
         lora_r=int(lora["r"]),
         target_modules=lora["target_modules"],
         accelerator=device.accelerator,
+        sequences_per_row=SEQUENCES_PER_ROW[request.method.type.value],
     )
     if fits(most, device.memory_bytes) or not request.dataset_url.startswith("file-"):
         return

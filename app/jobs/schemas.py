@@ -16,12 +16,13 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WrapValidator,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from app.jobs.auto import AUTO
 from app.jobs.models import JobStatus
-from app.schemas import RequestModel, ResponseModel
+from app.schemas import RequestModel, ResponseModel, absent_if_none
 
 MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,99}$")
 SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
@@ -142,6 +143,37 @@ class LoraSpec(RequestModel):
         return value
 
 
+class MethodType(enum.StrEnum):
+    SUPERVISED = "supervised"
+    DPO = "dpo"
+
+
+class DpoSettings(RequestModel):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="How far the adapter may move from the reference (the base model, or the "
+        "adapter it starts from): lower lets it drift more toward the preferred answers.",
+    )
+
+
+class Method(RequestModel):
+    """How the adapter learns: `supervised` (SFT on the answers) or `dpo` (Direct Preference
+    Optimization on rows with a chosen and a rejected answer)."""
+
+    type: MethodType = Field(MethodType.SUPERVISED, description="supervised or dpo.")
+    dpo: DpoSettings | None = Field(None, description="Settings of method dpo.")
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> Method:
+        if self.dpo is not None and self.type is not MethodType.DPO:
+            raise ValueError("dpo settings go with type dpo")
+        if self.type is MethodType.DPO and self.dpo is None:
+            self.dpo = DpoSettings()
+        return self
+
+
 class CreateJobRequest(RequestModel):
     base_model: str | None = Field(
         None,
@@ -170,6 +202,7 @@ class CreateJobRequest(RequestModel):
         None, description="Up to 40 letters, digits, '-' or '_', added to the adapter name."
     )
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    method: Method = Field(default_factory=Method)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     metadata: dict[str, str] | None = Field(None, description="Up to 16 short key/value pairs.")
     accelerator: AcceleratorClass | None = Field(
@@ -266,6 +299,13 @@ class Evaluation(ResponseModel):
     base_eval_loss: float = Field(description="Mean loss of the base model on the trained tokens.")
     adapter_eval_loss: float
     improvement: float = Field(description="(base - adapter) / base: 0.25 is 25% lower loss.")
+    base_preference_accuracy: float | None = absent_if_none(
+        description="Preference rows (method dpo): the share whose chosen answer the base model "
+        "finds likelier than the rejected one; the losses are then on the chosen answers.",
+    )
+    adapter_preference_accuracy: float | None = absent_if_none(
+        "The same share for the fine-tuned model."
+    )
     samples: list[EvaluationSample]
     seconds: float
 
@@ -305,6 +345,9 @@ class JobView(ResponseModel):
         default_factory=list, description='The hyperparameters that were asked as "auto".'
     )
     lora: dict[str, Any]
+    method: dict[str, Any] = Field(
+        description="How the adapter learns: supervised, or dpo with its beta."
+    )
     parent: dict[str, Any] | None = Field(
         None,
         description="The adapter or checkpoint the job trains on from (reference as given, "

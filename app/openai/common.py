@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from app.errors import InvalidRequest
 
@@ -31,16 +31,6 @@ def page(data: list[Any], has_more: bool) -> Page:
         first_id=data[0].id if data else None,
         last_id=data[-1].id if data else None,
     )
-
-
-def _is_none(value: Any) -> bool:
-    return value is None
-
-
-def absent_if_none() -> Any:
-    """A field OpenAI's document makes optional but not nullable: left out, never `null`, when it
-    has no value (clients generated from the document reject a `null` there)."""
-    return Field(None, exclude_if=_is_none)
 
 
 def epoch(moment: datetime | None) -> int | None:

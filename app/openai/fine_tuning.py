@@ -44,10 +44,18 @@ class Supervised(OpenAIRequest):
     hyperparameters: OpenAIHyperparameters | None = None
 
 
+class DpoHyperparameters(OpenAIHyperparameters):
+    beta: Auto | float | None = None
+
+
+class Dpo(OpenAIRequest):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(OpenAIRequest):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Supervised | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: Dpo | None = None
     reinforcement: dict[str, Any] | None = None
 
 
@@ -118,20 +126,28 @@ class Checkpoint(BaseModel):
 def _hyperparameters(body: CreateFineTuningJob) -> OpenAIHyperparameters:
     if body.method is None:
         return body.hyperparameters or OpenAIHyperparameters()
-    if body.method.type != "supervised":
+    if body.method.type == "reinforcement":
         raise unsupported(
             "method.type",
-            f"method.type {body.method.type!r} is not supported: tuneserve trains LoRA adapters "
-            'with supervised fine-tuning only; use {"type": "supervised"}.',
+            "method.type 'reinforcement' is not supported yet: tuneserve trains LoRA adapters "
+            'with supervised fine-tuning or DPO; use {"type": "supervised"} or {"type": "dpo"}.',
         )
     if body.hyperparameters is not None:
         raise InvalidRequest(
-            "Give hyperparameters in method.supervised.hyperparameters or at the top level, not "
-            "both.",
+            f"Give hyperparameters in method.{body.method.type}.hyperparameters or at the top "
+            "level, not both.",
             detail={"field": "hyperparameters"},
         )
-    supervised = body.method.supervised or Supervised()
-    return supervised.hyperparameters or OpenAIHyperparameters()
+    chosen = body.method.dpo if body.method.type == "dpo" else body.method.supervised
+    return (chosen.hyperparameters if chosen else None) or OpenAIHyperparameters()
+
+
+def _method(body: CreateFineTuningJob, chosen: OpenAIHyperparameters) -> dict[str, Any]:
+    """The native method: supervised, or dpo with its beta ("auto" or omitted: the default)."""
+    if body.method is None or body.method.type == "supervised":
+        return {"type": "supervised"}
+    beta = chosen.beta if isinstance(chosen, DpoHyperparameters) else None
+    return {"type": "dpo", "dpo": {} if beta in (None, auto.AUTO) else {"beta": beta}}
 
 
 def native_request(body: CreateFineTuningJob) -> CreateJobRequest:
@@ -159,6 +175,7 @@ def native_request(body: CreateFineTuningJob) -> CreateJobRequest:
                 "validation_url": body.validation_file,
                 "suffix": body.suffix,
                 "hyperparameters": hyperparameters,
+                "method": _method(body, chosen),
                 "metadata": body.metadata,
             }
         )
@@ -223,7 +240,7 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
         training_file=job.dataset_url,
         validation_file=job.validation_url,
         hyperparameters=hyperparameters,
-        method={"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        method=_openai_method(job, hyperparameters),
         seed=job.hyperparameters["seed"],
         trained_tokens=progress.get("trained_tokens"),
         error=(
@@ -238,6 +255,13 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
         metadata=job.metadata_,
         user_provided_suffix=job.suffix,
     )
+
+
+def _openai_method(job: Job, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+    if job.method_type == "dpo":
+        beta = (job.method or {}).get("dpo", {}).get("beta")
+        return {"type": "dpo", "dpo": {"hyperparameters": {**hyperparameters, "beta": beta}}}
+    return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
 
 
 def _event(job: Job, event: JobEvent) -> FineTuningEvent:

@@ -181,11 +181,14 @@ def test_errors_map_to_the_sdk_exceptions(
     with pytest.raises(openai.NotFoundError) as missing:
         client.fine_tuning.jobs.retrieve("ftjob-000000000000000000000000")
     assert missing.value.code == "job_not_found"
-    with pytest.raises(openai.BadRequestError) as dpo:
+    with pytest.raises(openai.BadRequestError) as reinforcement:
         client.fine_tuning.jobs.create(
-            model=tiny_model, training_file=file_id, method={"type": "dpo", "dpo": {}}
+            model=tiny_model,
+            training_file=file_id,
+            method={"type": "reinforcement", "reinforcement": {}},
         )
-    assert dpo.value.param == "method.type" and "supervised" in dpo.value.message
+    assert reinforcement.value.param == "method.type"
+    assert "supervised" in reinforcement.value.message
     with pytest.raises(openai.BadRequestError) as epochs:
         client.fine_tuning.jobs.create(
             model=tiny_model, training_file=file_id, hyperparameters={"n_epochs": 0}

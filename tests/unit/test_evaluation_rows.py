@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from sqlalchemy import select
 
-from app.db import unit_of_work
+from app.db import unit_of_work, utcnow
 from app.evaluation.split import held_out_rows, split_records
 from app.jobs.models import JobEvent, JobStatus
 from app.settings import get_settings
@@ -76,7 +76,10 @@ def test_a_sample_asks_the_conversation_before_the_last_answer() -> None:
 
 
 def test_a_failed_evaluation_is_reported_and_keeps_the_adapter(tmp_path: Path) -> None:
-    job_id = insert_job(JobStatus.RUNNING, "evaluation-tests", attempt=1)
+    # A fresh heartbeat: a scheduler of the same test session must not take the job as lost.
+    job_id = insert_job(
+        JobStatus.RUNNING, "evaluation-tests", attempt=1, worker="test:1", heartbeat_at=utcnow()
+    )
     rows = arithmetic_rows(4)
     context = cast(
         JobContext,

@@ -1,4 +1,4 @@
-"""a job may start from an adapter or checkpoint
+"""a job may start from an adapter or checkpoint, and has a training method
 
 Revision ID: 0008
 Revises: 0007
@@ -19,8 +19,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.add_column(sa.Column("parent", sa.JSON(), nullable=True))
+        batch_op.add_column(sa.Column("method", sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("method")
         batch_op.drop_column("parent")
