@@ -78,7 +78,12 @@ def manifest(
         "parent": (
             {key: job.parent[key] for key in ("reference", "kind", "id")} if job.parent else None
         ),
-        "method": "sft (TRL SFTTrainer), loss on assistant turns and completions only",
+        "method": (
+            f"dpo (TRL DPOTrainer, beta {(job.method or {}).get('dpo', {}).get('beta')}) on "
+            "preference rows"
+            if job.method_type == "dpo"
+            else "sft (TRL SFTTrainer), loss on assistant turns and completions only"
+        ),
         "libraries": library_versions(),
         "device": device,
         "metrics": metrics,
@@ -103,7 +108,7 @@ def model_card(facts: dict[str, Any]) -> str:
         f"base_model: {_yaml_scalar(base['location'] if base['source'] == 'hugging_face' else base['name'])}",  # noqa: E501
         "library_name: peft",
         "pipeline_tag: text-generation",
-        f"tags: {_yaml_scalar(['tuneserve', 'lora', 'sft', 'peft'])}",
+        f"tags: {_yaml_scalar(['tuneserve', 'lora', facts['method'].split()[0], 'peft'])}",
         "model-index:",
         f"- name: {_yaml_scalar(facts['fine_tuned_model'])}",
         "  results: []",
@@ -165,6 +170,13 @@ def model_card(facts: dict[str, Any]) -> str:
             f"The adapter's eval loss is {abs(evaluation['improvement']):.1%} "
             f"{'lower' if evaluation['improvement'] >= 0 else 'higher'} than the base model's.",
         ]
+        if evaluation.get("adapter_preference_accuracy") is not None:
+            lines += [
+                "",
+                "Preference accuracy (the chosen answer found likelier than the rejected one): "
+                f"base {evaluation['base_preference_accuracy']:.0%}, adapter "
+                f"{evaluation['adapter_preference_accuracy']:.0%}.",
+            ]
         for sample in evaluation["samples"]:
             lines += [
                 "",

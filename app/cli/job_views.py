@@ -79,6 +79,11 @@ def _facts(job: dict[str, Any]) -> Table:
         "hyperparameters", _pairs(job["hyperparameters"], job.get("auto_hyperparameters"))
     )
     facts.add_row("lora", _pairs(job["lora"]))
+    method = job.get("method") or {"type": "supervised"}
+    if method["type"] != "supervised":
+        facts.add_row("method", f"{method['type']} " + _pairs(method.get(method["type"]) or {}))
+    if job.get("parent"):
+        facts.add_row("trained on from", f"{job['parent']['kind']} {job['parent']['reference']}")
     progress = job.get("progress")
     if progress:
         step = f"step {progress.get('step', 0)}/{progress.get('total_steps') or '?'}"
@@ -159,11 +164,17 @@ def _evaluation(evaluation: dict[str, Any]) -> Text:
     improvement = evaluation["improvement"]
     change = f"{abs(improvement):.1%} {'lower' if improvement >= 0 else 'higher'}"
     split = SPLITS.get(evaluation["split"], evaluation["split"])
-    return Text.assemble(
+    summary = Text.assemble(
         f"eval loss base {base:.4f} -> adapter ",
         (f"{adapter:.4f}", "green" if improvement > 0 else "red"),
         f" ({change}), on {evaluation['rows']} {split}, {human_seconds(evaluation['seconds'])}",
     )
+    if evaluation.get("adapter_preference_accuracy") is not None:
+        summary.append(
+            f"; preference accuracy base {evaluation['base_preference_accuracy']:.0%} -> "
+            f"adapter {evaluation['adapter_preference_accuracy']:.0%}"
+        )
+    return summary
 
 
 def _samples(samples: list[dict[str, Any]]) -> Table:

@@ -858,3 +858,69 @@ def test_dataset_error_survives_pickling() -> None:
     )
     assert (clone.error_count, clone.rows_affected) == (60, 55)
     assert str(clone) == str(exc)
+
+
+# --- preference rows (method dpo) ----------------------------------------------------------------
+
+TRL_PAIR = {"prompt": "2+2=", "chosen": "4", "rejected": "5"}
+TRL_CHAT_PAIR = {"prompt": [user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]}
+OPENAI_PAIR = {
+    "input": {"messages": [user("2+2?")]},
+    "preferred_output": [assistant("4")],
+    "non_preferred_output": [assistant("5")],
+}
+
+
+@pytest.mark.parametrize(
+    ("row", "normalised"),
+    [
+        pytest.param(TRL_PAIR, TRL_PAIR, id="trl-text"),
+        pytest.param(TRL_CHAT_PAIR, TRL_CHAT_PAIR, id="trl-messages"),
+        pytest.param(OPENAI_PAIR, TRL_CHAT_PAIR, id="openai-dpo"),
+        pytest.param({**TRL_PAIR, "score": 3}, TRL_PAIR, id="extra-keys-dropped"),
+    ],
+)
+def test_preference_rows_become_trl_pairs(
+    tmp_path: Path, row: dict[str, Any], normalised: dict[str, Any]
+) -> None:
+    parsed = parse_dataset(write(tmp_path, "pairs.jsonl", jsonl(row, row)))
+    assert parsed.format is DatasetFormat.PREFERENCE
+    assert parsed.records == [normalised, normalised]
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "message"),
+    [
+        pytest.param({"prompt": "2+2=", "chosen": "4"}, "rejected", "is missing", id="no-rejected"),
+        pytest.param({**TRL_PAIR, "chosen": ""}, "chosen", "non-empty", id="empty-chosen"),
+        pytest.param(
+            {**OPENAI_PAIR, "non_preferred_output": None},
+            "non_preferred_output",
+            "is missing",
+            id="openai-no-rejected",
+        ),
+        pytest.param(
+            {**OPENAI_PAIR, "preferred_output": [user("4")]},
+            "preferred_output[0].role",
+            "allowed roles: assistant",
+            id="answer-from-user",
+        ),
+        pytest.param(
+            {**OPENAI_PAIR, "input": {"messages": "2+2?"}},
+            "input.messages",
+            "list of messages",
+            id="input-not-messages",
+        ),
+        pytest.param(
+            {**TRL_PAIR, "chosen": [assistant("4")]}, "", "not a mix", id="text-and-messages"
+        ),
+    ],
+)
+def test_bad_preference_rows_name_line_and_field(
+    tmp_path: Path, row: dict[str, Any], field: str, message: str
+) -> None:
+    with pytest.raises(DatasetError) as failure:
+        parse_dataset(write(tmp_path, "pairs.jsonl", jsonl(TRL_PAIR, row)))
+    assert failure.value.code == "dataset_invalid"
+    [error] = failure.value.errors
+    assert (error.line, error.field) == (2, field) and message in error.message

@@ -188,6 +188,16 @@ function drawEvaluation(job) {
       `${(Math.abs(evaluation.improvement) * 100).toFixed(1)}% ` +
         `${better ? "lower" : "higher"} loss than the base model`,
     ],
+    ...(evaluation.adapter_preference_accuracy == null
+      ? []
+      : [
+          [
+            "Preference accuracy",
+            `base ${(evaluation.base_preference_accuracy * 100).toFixed(0)}%, ` +
+              `adapter ${(evaluation.adapter_preference_accuracy * 100).toFixed(0)}% ` +
+              "(chosen answer likelier than the rejected one)",
+          ],
+        ]),
     ["Took", formatDuration(evaluation.seconds)],
   ]);
   const samples = evaluation.samples ?? [];
