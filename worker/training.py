@@ -13,7 +13,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from app.jobs.schemas import LoraSpec, Method, MethodType, TrainingHyperparameters
+from app.jobs.schemas import (
+    DpoSettings,
+    LoraSpec,
+    Method,
+    MethodType,
+    TrainingHyperparameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +189,13 @@ def trained_tokens(tokenizer: Any, records: list[dict[str, Any]]) -> list[dict[s
     return examples
 
 
+def _preference_loss(dpo: DpoSettings) -> dict[str, Any]:
+    """DPO's sigmoid loss, plus (RPO) the chosen answers' supervised loss at rpo_alpha."""
+    if not dpo.rpo_alpha:
+        return {"beta": dpo.beta}
+    return {"beta": dpo.beta, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, dpo.rpo_alpha]}
+
+
 def train_lora(
     spec: TrainingSpec,
     train_records: list[dict[str, Any]],
@@ -275,7 +288,7 @@ def train_lora(
         assert spec.method.dpo is not None
         trainer = DPOTrainer(
             model=model,
-            args=DPOConfig(**common, beta=spec.method.dpo.beta),
+            args=DPOConfig(**common, **_preference_loss(spec.method.dpo)),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=tokenizer,

@@ -156,6 +156,14 @@ class DpoSettings(RequestModel):
         description="How far the adapter may move from the reference (the base model, or the "
         "adapter it starts from): lower lets it drift more toward the preferred answers.",
     )
+    rpo_alpha: float | None = Field(
+        None,
+        ge=0,
+        le=10,
+        description="Weight of a supervised loss on the chosen answers added to the preference "
+        "loss (RPO): keeps the adapter fluent while it moves toward them. 1 is a common choice; "
+        "null or 0: plain DPO.",
+    )
 
 
 class Method(RequestModel):
