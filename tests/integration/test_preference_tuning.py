@@ -60,7 +60,7 @@ def test_dpo_raises_held_out_preference_accuracy(
     assert plan.json()["dataset"]["format"] == "preference"
 
     created = service.create_job(**body)
-    assert created["method"] == {"type": "dpo", "dpo": {"beta": 0.1}}
+    assert created["method"] == {"type": "dpo", "dpo": {"beta": 0.1, "rpo_alpha": None}}
     job = service.wait_for(created["id"])
     assert job["status"] == "succeeded", job["error"]
     assert job["progress"]["total_steps"] == plan.json()["steps"]
@@ -79,11 +79,11 @@ def test_sft_then_dpo_is_one_chain(
     created = service.create_job(
         dataset_url=pairs["train"],
         adapter=sft["id"],
-        method={"type": "dpo"},
+        method={"type": "dpo", "dpo": {"rpo_alpha": 1.0}},  # with the chosen answers' SFT loss
         hyperparameters={**DPO, "n_epochs": 1},
     )
     assert created["parent"]["reference"] == sft["id"]
-    assert created["method"] == {"type": "dpo", "dpo": {"beta": 0.1}}
+    assert created["method"] == {"type": "dpo", "dpo": {"beta": 0.1, "rpo_alpha": 1.0}}
     job = service.wait_for(created["id"])
     assert job["status"] == "succeeded", job["error"]
     assert job["evaluation"]["adapter_preference_accuracy"] is not None
