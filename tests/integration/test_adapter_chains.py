@@ -3,9 +3,7 @@ natively and through /v1 (`model: ft:…`), and the requests that cannot."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 import uuid
 from typing import Any
 
@@ -20,17 +18,6 @@ from tests.fixtures.service import Service, auth, create_api_key, local_key_head
 # Training that barely moves the weights (Adam's steps are about the learning rate): a job that
 # starts from an adapter ends next to it, one that starts fresh ends next to zero in lora_B.
 STILL = {"n_epochs": 1, "batch_size": 4, "max_seq_length": 64, "learning_rate": 1e-9}
-
-
-def archive(service: Service, adapter_id: str) -> dict[str, bytes]:
-    answer = service.client.get(f"/adapters/{adapter_id}/download")
-    assert answer.status_code == 200, answer.text
-    with tarfile.open(fileobj=io.BytesIO(answer.content), mode="r:gz") as tar:
-        return {
-            member.name.rsplit("/", 1)[-1]: tar.extractfile(member).read()  # type: ignore[union-attr]
-            for member in tar.getmembers()
-            if member.isfile()
-        }
 
 
 def weights(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
@@ -61,8 +48,8 @@ def test_a_job_trains_on_from_a_finished_job(
     assert done["status"] == "succeeded", done["error"]
     assert any(event["type"] == "job.parent" for event in service.events(created["id"]))
 
-    parent_files = archive(service, first["adapter"]["id"])
-    child_files = archive(service, done["adapter"]["id"])
+    parent_files = service.adapter_files(first["adapter"]["id"])
+    child_files = service.adapter_files(done["adapter"]["id"])
     parent, child = weights(parent_files), weights(child_files)
     assert parent.keys() == child.keys()
     lora_b = [name for name in parent if "lora_B" in name]

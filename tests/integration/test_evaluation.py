@@ -3,10 +3,8 @@ the live service (real worker, tiny model)."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 from typing import Any
 
 import pytest
@@ -89,21 +87,10 @@ def test_a_small_dataset_is_scored_on_its_training_rows(service: Service, tiny_m
     assert job["progress"]["total_steps"] == 2
 
 
-def _adapter_files(service: Service, adapter_id: str) -> dict[str, bytes]:
-    answer = service.client.get(f"/adapters/{adapter_id}/download")
-    assert answer.status_code == 200, answer.text
-    with tarfile.open(fileobj=io.BytesIO(answer.content), mode="r:gz") as archive:
-        return {
-            member.name.rsplit("/", 1)[-1]: archive.extractfile(member).read()  # type: ignore[union-attr]
-            for member in archive.getmembers()
-            if member.isfile()
-        }
-
-
 def test_every_adapter_has_a_model_card_and_manifest(
     service: Service, held_out_job: dict[str, Any], tiny_model: str
 ) -> None:
-    files = _adapter_files(service, held_out_job["adapter"]["id"])
+    files = service.adapter_files(held_out_job["adapter"]["id"])
     manifest = json.loads(files["tuneserve_manifest.json"])
     assert manifest["job_id"] == held_out_job["id"]
     assert manifest["base_model"]["name"] == tiny_model

@@ -57,6 +57,10 @@ def upload(v1: httpx.Client, name: str, content: bytes, **form: str) -> httpx.Re
     return v1.post("/files", files={"file": (name, content)}, data={"purpose": "fine-tune", **form})
 
 
+def create_job(v1: httpx.Client, body: dict[str, Any]) -> Any:
+    return ok(v1.post("/fine_tuning/jobs", json=body), "createFineTuningJob")
+
+
 def wait(v1: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:
     """Poll until the job ends, validating every answer on the way (queued, running, done)."""
     deadline = time.monotonic() + timeout
@@ -72,21 +76,18 @@ def wait(v1: httpx.Client, job_id: str, timeout: float = 300) -> dict[str, Any]:
 def flow(v1: httpx.Client, tiny_model: str) -> dict[str, Any]:
     """A file uploaded and a job trained to success through /v1 alone, each answer validated."""
     file = ok(upload(v1, "sums.jsonl", jsonl(arithmetic_rows(8))), "createFile")
-    created = ok(
-        v1.post(
-            "/fine_tuning/jobs",
-            json={
-                "model": tiny_model,
-                "training_file": file["id"],
-                "method": {
-                    "type": "supervised",
-                    "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}},
-                },
-                "suffix": "schema",
-                "metadata": {"run": uuid.uuid4().hex[:8]},
+    created = create_job(
+        v1,
+        {
+            "model": tiny_model,
+            "training_file": file["id"],
+            "method": {
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4}},
             },
-        ),
-        "createFineTuningJob",
+            "suffix": "schema",
+            "metadata": {"run": uuid.uuid4().hex[:8]},
+        },
     )
     job = wait(v1, created["id"])
     assert job["status"] == "succeeded", job["error"]
@@ -145,25 +146,19 @@ def test_fine_tuning_answers_conform(
 
     # A job that fails (its dataset has no usable rows) carries an error object.
     bad = ok(upload(v1, "bad.jsonl", b'{"nothing": 1}\n'), "createFile")
-    created = ok(
-        v1.post("/fine_tuning/jobs", json={"model": tiny_model, "training_file": bad["id"]}),
-        "createFineTuningJob",
-    )
+    created = create_job(v1, {"model": tiny_model, "training_file": bad["id"]})
     failed = wait(v1, created["id"])
     assert failed["status"] == "failed" and failed["error"]["message"]
 
     # A cancelled one.
     long = ok(upload(v1, "long.jsonl", jsonl(arithmetic_rows(64))), "createFile")
-    created = ok(
-        v1.post(
-            "/fine_tuning/jobs",
-            json={
-                "model": tiny_model,
-                "training_file": long["id"],
-                "hyperparameters": {"n_epochs": 50},
-            },
-        ),
-        "createFineTuningJob",
+    created = create_job(
+        v1,
+        {
+            "model": tiny_model,
+            "training_file": long["id"],
+            "hyperparameters": {"n_epochs": 50},
+        },
     )
     cancelled = ok(v1.post(f"/fine_tuning/jobs/{created['id']}/cancel"), "cancelFineTuningJob")
     assert cancelled["id"] == created["id"]
