@@ -78,17 +78,23 @@ def manifest(
         "parent": (
             {key: job.parent[key] for key in ("reference", "kind", "id")} if job.parent else None
         ),
-        "method": (
-            f"dpo (TRL DPOTrainer, beta {(job.method or {}).get('dpo', {}).get('beta')}) on "
-            "preference rows"
-            if job.method_type == "dpo"
-            else "sft (TRL SFTTrainer), loss on assistant turns and completions only"
-        ),
+        "method": _method(job),
         "libraries": library_versions(),
         "device": device,
         "metrics": metrics,
         "evaluation": evaluation,
     }
+
+
+def _method(job: Any) -> str:
+    settings = (job.method or {}).get(job.method_type) or {}
+    if job.method_type == "dpo":
+        return f"dpo (TRL DPOTrainer, beta {settings.get('beta')}) on preference rows"
+    if job.method_type == "orpo":
+        return (
+            f"orpo (TRL's experimental ORPOTrainer, beta {settings.get('beta')}) on preference rows"
+        )
+    return "sft (TRL SFTTrainer), loss on assistant turns and completions only"
 
 
 def _yaml_scalar(value: Any) -> str:

@@ -17,7 +17,6 @@ from app.jobs.schemas import (
     DpoSettings,
     LoraSpec,
     Method,
-    MethodType,
     TrainingHyperparameters,
 )
 
@@ -215,7 +214,7 @@ def train_lora(
     hooks = hooks or TrainingHooks()
     hp = spec.hyperparameters
     started = time.monotonic()
-    preference = spec.method.type is MethodType.DPO
+    preference = spec.method.learns_preferences
 
     tokenizer = AutoTokenizer.from_pretrained(
         spec.model_location, trust_remote_code=False, **spec.model_kwargs
@@ -284,8 +283,19 @@ def train_lora(
         )
     callbacks = [_make_callback(spec, hooks), *(extra_callbacks or [])]
     trainer: Any
-    if preference:
-        assert spec.method.dpo is not None
+    if spec.method.orpo is not None:
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        trainer = ORPOTrainer(
+            model=model,
+            args=ORPOConfig(**common, beta=spec.method.orpo.beta),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config,
+            callbacks=callbacks,
+        )
+    elif spec.method.dpo is not None:
         trainer = DPOTrainer(
             model=model,
             args=DPOConfig(**common, **_preference_loss(spec.method.dpo)),

@@ -57,10 +57,17 @@ BaseModelOption = Annotated[
 ]
 MethodOption = Annotated[
     str | None,
-    typer.Option(help="supervised (default) or dpo (preference rows: prompt, chosen, rejected)."),
+    typer.Option(
+        help="supervised (default), dpo or orpo (the last two: preference rows with prompt, "
+        "chosen and rejected)."
+    ),
 ]
 BetaOption = Annotated[
-    float | None, typer.Option(help="dpo: how far the adapter may move from its reference.")
+    float | None,
+    typer.Option(
+        help="dpo: how far the adapter may move from its reference; orpo: the weight "
+        "of the preference term."
+    ),
 ]
 AdapterOption = Annotated[
     str | None,
@@ -210,9 +217,10 @@ def job_body(client: Client, options: JobOptions) -> dict[str, Any]:
     lora = {"r": options.lora_r, "alpha": options.lora_alpha}
     method: dict[str, Any] | None = None
     if options.method or options.beta is not None:
-        method = {"type": options.method or ("dpo" if options.beta is not None else "supervised")}
+        kind = options.method or ("dpo" if options.beta is not None else "supervised")
+        method = {"type": kind}
         if options.beta is not None:
-            method["dpo"] = {"beta": options.beta}
+            method[kind] = {"beta": options.beta}
     optional = {
         "method": method,
         "base_model": options.base_model,

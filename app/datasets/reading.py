@@ -79,11 +79,11 @@ def parse(
     parsed = _parse(fetched, field_name, settings)
     preference = parsed.format is DatasetFormat.PREFERENCE
     where = f"{field_name} ({fetched.filename})"
-    if method == "dpo" and not preference:
+    if method in ("dpo", "orpo") and not preference:
         raise DatasetFailure(
             "dataset_method_mismatch",
-            f"{where}: method dpo learns from preference rows, each a prompt with a chosen and a "
-            f"rejected answer, but this dataset's rows are {parsed.format.value} (line "
+            f"{where}: method {method} learns from preference rows, each a prompt with a chosen "
+            f"and a rejected answer, but this dataset's rows are {parsed.format.value} (line "
             f"{parsed.lines[0]}). Give rows like {PREFERENCE_EXAMPLE}, or use method supervised.",
             {"field": field_name, "format": parsed.format.value},
         )
@@ -92,7 +92,7 @@ def parse(
             "dataset_method_mismatch",
             f"{where}: its rows are preference rows (a chosen and a rejected answer, line "
             f"{parsed.lines[0]}), which method supervised cannot learn from; set "
-            'method {"type": "dpo"} to learn the preference.',
+            'method {"type": "dpo"} (or "orpo") to learn the preference.',
             {"field": field_name, "format": parsed.format.value},
         )
     return parsed

@@ -146,6 +146,11 @@ class LoraSpec(RequestModel):
 class MethodType(enum.StrEnum):
     SUPERVISED = "supervised"
     DPO = "dpo"
+    ORPO = "orpo"
+
+
+# The methods that learn from preference rows (a prompt with a chosen and a rejected answer).
+PREFERENCE_METHODS = frozenset({MethodType.DPO, MethodType.ORPO})
 
 
 class DpoSettings(RequestModel):
@@ -166,20 +171,40 @@ class DpoSettings(RequestModel):
     )
 
 
-class Method(RequestModel):
-    """How the adapter learns: `supervised` (SFT on the answers) or `dpo` (Direct Preference
-    Optimization on rows with a chosen and a rejected answer)."""
+class OrpoSettings(RequestModel):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="Weight of the odds-ratio preference term beside the supervised loss on the "
+        "chosen answers (ORPO's lambda).",
+    )
 
-    type: MethodType = Field(MethodType.SUPERVISED, description="supervised or dpo.")
+
+class Method(RequestModel):
+    """How the adapter learns: `supervised` (SFT on the answers), `dpo` (Direct Preference
+    Optimization against a reference) or `orpo` (Odds Ratio Preference Optimization: SFT and
+    preference in one loss, no reference model), the last two on rows with a chosen and a
+    rejected answer."""
+
+    type: MethodType = Field(MethodType.SUPERVISED, description="supervised, dpo or orpo.")
     dpo: DpoSettings | None = Field(None, description="Settings of method dpo.")
+    orpo: OrpoSettings | None = Field(None, description="Settings of method orpo.")
 
     @model_validator(mode="after")
     def _settings_of_its_type(self) -> Method:
-        if self.dpo is not None and self.type is not MethodType.DPO:
-            raise ValueError("dpo settings go with type dpo")
+        for kind in (MethodType.DPO, MethodType.ORPO):
+            if getattr(self, kind.value) is not None and self.type is not kind:
+                raise ValueError(f"{kind.value} settings go with type {kind.value}")
         if self.type is MethodType.DPO and self.dpo is None:
             self.dpo = DpoSettings()
+        if self.type is MethodType.ORPO and self.orpo is None:
+            self.orpo = OrpoSettings()
         return self
+
+    @property
+    def learns_preferences(self) -> bool:
+        return self.type in PREFERENCE_METHODS
 
 
 class CreateJobRequest(RequestModel):

@@ -176,7 +176,7 @@ def create_job(
         auto_hyperparameters=auto_fields(hyperparameters),
         lora=request.lora.model_dump(mode="json"),
         parent=parent,
-        method=request.method.model_dump(mode="json"),
+        method=request.method.model_dump(mode="json", exclude_none=True),
         metadata_=request.metadata,
         webhook_url=request.webhook_url,
         webhook_secret=(request.webhook_secret or new_secret()) if request.webhook_url else None,
@@ -280,7 +280,7 @@ def to_view(
         hyperparameters=job.hyperparameters,
         auto_hyperparameters=job.auto_hyperparameters or [],
         lora=job.lora,
-        method=job.method or {"type": "supervised", "dpo": None},
+        method=job.method or {"type": "supervised"},
         parent=(
             {key: job.parent[key] for key in ("reference", "kind", "id")} if job.parent else None
         ),
