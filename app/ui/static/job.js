@@ -158,6 +158,14 @@ function drawSettings(job) {
     byId("lora"),
     Object.entries(job.lora ?? {}).map(([name, value]) => [name, describe(value)]),
   );
+  const method = job.method ?? { type: "supervised" };
+  fillFacts(byId("method"), [
+    ["type", method.type],
+    ...Object.entries(method[method.type] ?? {}).map(([name, value]) => [name, describe(value)]),
+    ...(job.parent
+      ? [["trained on from", `${job.parent.kind} ${job.parent.reference} (${job.parent.id})`]]
+      : []),
+  ]);
 }
 
 const SPLITS = {
