@@ -163,6 +163,7 @@ def suggest(
     p99_row_tokens: int,
     rows_over_p99: int,
     accelerator: str = "cpu",
+    sequences_per_row: int = 1,
 ) -> Suggestion:
     """A change that fits, for a job that does not: a smaller batch with more accumulation (the
     same effective batch), else also a max_seq_length at the 99th percentile of row lengths."""
@@ -178,6 +179,7 @@ def suggest(
                 lora_r=int(lora["r"]),
                 target_modules=lora["target_modules"],
                 accelerator=accelerator,
+                sequences_per_row=sequences_per_row,
             )
             if fits(estimate, device_bytes):
                 return smaller
@@ -203,6 +205,7 @@ def suggest(
             lora_r=int(lora["r"]),
             target_modules=lora["target_modules"],
             accelerator=accelerator,
+            sequences_per_row=sequences_per_row,
         )
         if fits(one, device_bytes):
             chosen = fitting(p99_row_tokens, batch) or 1
@@ -225,6 +228,7 @@ def suggest(
         lora_r=int(lora["r"]),
         target_modules=lora["target_modules"],
         accelerator=accelerator,
+        sequences_per_row=sequences_per_row,
     )
     return Suggestion(
         f"Even one row of {seq} tokens needs about {one.total / GIB:.1f} GiB, more than the "

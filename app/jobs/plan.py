@@ -246,6 +246,7 @@ def _memory(
             p99_row_tokens=p99,
             rows_over_p99=sum(1 for count in counts if count > p99),
             accelerator=device.accelerator,
+            sequences_per_row=SEQUENCES_PER_ROW[method],
         )
         suggestion = PlanSuggestion(message=advice.message, hyperparameters=advice.hyperparameters)
     return PlanMemory(
