@@ -205,3 +205,88 @@ def evaluate_adapter(
         ],
         "seconds": round(time.monotonic() - started, 2),
     }
+
+
+def _scores(model: Any, tokenizer: Any, rows: list[dict[str, Any]], bf16: bool) -> list[float]:
+    """A reward model's score of each chat or prompt-completion row."""
+    import torch
+
+    device = next(model.parameters()).device
+    texts = [
+        tokenizer.apply_chat_template(row["messages"], tokenize=False)
+        if "messages" in row
+        else row["prompt"] + row["completion"]
+        for row in rows
+    ]
+    found: list[float] = []
+    for start in range(0, len(texts), BATCH_ROWS):
+        batch = tokenizer(texts[start : start + BATCH_ROWS], padding=True, return_tensors="pt")
+        with torch.no_grad(), _precision(bf16, device):
+            logits = model(**{key: value.to(device) for key, value in batch.items()}).logits
+        found += [float(score) for score in logits[:, 0].float()]
+    return found
+
+
+def _ranking(
+    model: Any, tokenizer: Any, pairs: list[dict[str, Any]], bf16: bool
+) -> tuple[float, float]:
+    """(pair accuracy, mean Bradley-Terry loss) of a reward model on preference rows."""
+    import math
+
+    chosen = _scores(model, tokenizer, [one_side(row, "chosen") for row in pairs], bf16)
+    rejected = _scores(model, tokenizer, [one_side(row, "rejected") for row in pairs], bf16)
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    accuracy = sum(margin > 0 for margin in margins) / max(len(margins), 1)
+    # log(1 + e^-m), written so a large margin of either sign cannot overflow.
+    losses = [max(-m, 0.0) + math.log1p(math.exp(-abs(m))) for m in margins]
+    loss = sum(losses) / max(len(losses), 1)
+    return accuracy, loss
+
+
+def evaluate_reward_model(
+    model_location: str,
+    adapter_dir: Path,
+    pairs: list[dict[str, Any]],
+    *,
+    split: Split,
+    bf16: bool,
+    model_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A reward model's `evaluation`: how often it scores the chosen answer above the rejected
+    one (and its pairwise loss), against the untrained head on the same base model."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    started = time.monotonic()
+    kwargs = model_kwargs or {}
+    tokenizer = AutoTokenizer.from_pretrained(model_location, trust_remote_code=False, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base: Any = AutoModelForSequenceClassification.from_pretrained(
+        model_location,
+        num_labels=1,
+        dtype=torch.float32,
+        trust_remote_code=False,
+        use_safetensors=True,
+        **kwargs,
+    )
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    adapter_accuracy, adapter_loss = _ranking(model, tokenizer, pairs, bf16)
+    with model.disable_adapter():  # the base model with its new, untrained head
+        base_accuracy, base_loss = _ranking(model, tokenizer, pairs, bf16)
+    return {
+        "split": split,
+        "rows": len(pairs),
+        "base_eval_loss": round(base_loss, 6),
+        "adapter_eval_loss": round(adapter_loss, 6),
+        "improvement": round((base_loss - adapter_loss) / base_loss, 6) if base_loss else 0.0,
+        "base_preference_accuracy": round(base_accuracy, 6),
+        "adapter_preference_accuracy": round(adapter_accuracy, 6),
+        "samples": [],
+        "seconds": round(time.monotonic() - started, 2),
+    }

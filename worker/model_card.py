@@ -90,6 +90,8 @@ def _method(job: Any) -> str:
     settings = (job.method or {}).get(job.method_type) or {}
     if job.method_type == "dpo":
         return f"dpo (TRL DPOTrainer, beta {settings.get('beta')}) on preference rows"
+    if job.method_type == "reward_model":
+        return "reward_model (TRL RewardTrainer): a one-number head scoring answers"
     if job.method_type == "orpo":
         return (
             f"orpo (TRL's experimental ORPOTrainer, beta {settings.get('beta')}) on preference rows"

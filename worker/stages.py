@@ -32,7 +32,7 @@ from app.storage import artifact_store
 from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
 from worker.datasets import PreparedDatasets, prepare_datasets
 from worker.distributed import node_processes, run_distributed
-from worker.evaluation import evaluate_adapter
+from worker.evaluation import evaluate_adapter, evaluate_reward_model
 from worker.heartbeat import Heartbeat
 from worker.model_card import manifest, write_model_card
 from worker.progress import ProgressWriter
@@ -261,15 +261,25 @@ def evaluate(
         f"Evaluating: base model against adapter on {len(scored.scored)} {scored.split} rows.",
     )
     try:
-        evaluation = evaluate_adapter(
-            location,
-            context.workdir / "adapter",
-            scored.scored,
-            split=scored.split,
-            samples=settings.auto_eval_samples,
-            bf16=bf16,
-            model_kwargs=prepared.model_kwargs,
-        )
+        if context.job.method_type == "reward_model":
+            evaluation = evaluate_reward_model(
+                location,
+                context.workdir / "adapter",
+                scored.scored,
+                split=scored.split,
+                bf16=bf16,
+                model_kwargs=prepared.model_kwargs,
+            )
+        else:
+            evaluation = evaluate_adapter(
+                location,
+                context.workdir / "adapter",
+                scored.scored,
+                split=scored.split,
+                samples=settings.auto_eval_samples,
+                bf16=bf16,
+                model_kwargs=prepared.model_kwargs,
+            )
     except Exception as exc:
         logger.exception("job %s: the automatic evaluation failed", job_id)
         event(

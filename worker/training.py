@@ -17,6 +17,7 @@ from app.jobs.schemas import (
     DpoSettings,
     LoraSpec,
     Method,
+    MethodType,
     TrainingHyperparameters,
 )
 
@@ -208,8 +209,19 @@ def train_lora(
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # type: ignore[attr-defined]
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+    from trl import (  # type: ignore[attr-defined]
+        DPOConfig,
+        DPOTrainer,
+        RewardConfig,
+        RewardTrainer,
+        SFTConfig,
+        SFTTrainer,
+    )
 
     hooks = hooks or TrainingHooks()
     hp = spec.hyperparameters
@@ -221,13 +233,19 @@ def train_lora(
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForCausalLM.from_pretrained(
+    scorer = spec.method.type is MethodType.REWARD_MODEL
+    # A reward model is the base model with a one-number head: it scores, it does not generate.
+    loader: Any = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+    model: Any = loader.from_pretrained(
         spec.model_location,
         dtype=torch.float32,
         trust_remote_code=False,
         use_safetensors=True,
+        **({"num_labels": 1} if scorer else {}),
         **spec.model_kwargs,
     )
+    if scorer:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
     def dataset(records: list[dict[str, Any]]) -> Any:
         # DPO rows go as they are (TRL applies the chat template to conversational ones).
@@ -279,11 +297,23 @@ def train_lora(
             lora_dropout=spec.lora.dropout,
             target_modules=spec.lora.target_modules,
             bias="none",
-            task_type="CAUSAL_LM",
+            task_type="SEQ_CLS" if scorer else "CAUSAL_LM",
+            # The new head is trained whole and saved with the adapter.
+            modules_to_save=["score"] if scorer else None,
         )
     callbacks = [_make_callback(spec, hooks), *(extra_callbacks or [])]
     trainer: Any
-    if spec.method.orpo is not None:
+    if scorer:
+        trainer = RewardTrainer(
+            model=model,
+            args=RewardConfig(**common),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config,
+            callbacks=callbacks,
+        )
+    elif spec.method.orpo is not None:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         trainer = ORPOTrainer(

@@ -32,6 +32,7 @@ class LoraFacts:
     alpha: float
     target_modules: list[str] | str
     dropout: float = 0.0
+    task_type: str | None = None  # PEFT's: CAUSAL_LM generates, SEQ_CLS (a reward model) scores
 
 
 def _config_invalid(reason: str, **detail: Any) -> Exception:
@@ -88,7 +89,14 @@ def parse_config(content: bytes) -> LoraFacts:
     dropout = config.get("lora_dropout") or 0.0
     if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise _config_invalid(f"lora_dropout is {dropout!r}, not in [0, 1)", field="lora_dropout")
-    return LoraFacts(rank=rank, alpha=float(alpha), target_modules=targets, dropout=float(dropout))
+    task_type = config.get("task_type")
+    return LoraFacts(
+        rank=rank,
+        alpha=float(alpha),
+        target_modules=targets,
+        dropout=float(dropout),
+        task_type=task_type if isinstance(task_type, str) else None,
+    )
 
 
 def _targeted(module: str, targets: list[str] | str) -> bool:

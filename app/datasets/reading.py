@@ -79,7 +79,7 @@ def parse(
     parsed = _parse(fetched, field_name, settings)
     preference = parsed.format is DatasetFormat.PREFERENCE
     where = f"{field_name} ({fetched.filename})"
-    if method in ("dpo", "orpo") and not preference:
+    if method in ("dpo", "orpo", "reward_model") and not preference:
         raise DatasetFailure(
             "dataset_method_mismatch",
             f"{where}: method {method} learns from preference rows, each a prompt with a chosen "

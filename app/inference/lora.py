@@ -62,6 +62,12 @@ def read_adapter(directory: Path, key: str) -> AdapterWeights:
         raise AdapterNotLoadable(f"Adapter {key}: unreadable adapter_config.json ({exc}).") from exc
     if config.get("use_dora"):
         raise AdapterNotLoadable(f"Adapter {key} is a DoRA adapter; only LoRA is served.")
+    if config.get("task_type") == "SEQ_CLS":
+        raise AdapterNotLoadable(
+            f"Adapter {key} is a reward model: it scores answers, it does not generate text. "
+            "Generate with an adapter trained by method supervised, dpo or orpo.",
+            code="adapter_not_generative",
+        )
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in load_file(str(weights_file)).items():

@@ -15,7 +15,7 @@ from app.adapters.repository import resolve_adapter
 from app.adapters.unpacking import CONFIG
 from app.adapters.validation import LoraFacts, parse_config
 from app.errors import InvalidRequest, TuneserveError
-from app.jobs.schemas import CreateJobRequest, LoraSpec
+from app.jobs.schemas import CreateJobRequest, LoraSpec, MethodType
 from app.settings import Settings
 from app.storage import artifact_store
 
@@ -76,6 +76,16 @@ def resolve_parent(
             facts = parse_config(config.read())
     except TuneserveError as exc:
         raise _about_the_field(exc) from None
+    scores = facts.task_type == "SEQ_CLS"
+    if scores != (request.method.type is MethodType.REWARD_MODEL):
+        parent_kind = "a reward model" if scores else "a generating adapter"
+        wanted = "generating adapters" if scores else "reward models"
+        raise InvalidRequest(
+            f"{FIELD}: {request.adapter!r} is {parent_kind}; a {request.method.type.value} job "
+            f"trains on from {wanted} only. Leave adapter out to start from a fresh LoRA.",
+            code="adapter_method_mismatch",
+            detail={"field": FIELD},
+        )
     lora = _lora(facts, request.adapter)
     effective = request.model_copy(update={"base_model": parent.base_model, "lora": lora})
     recorded = {

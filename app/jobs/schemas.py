@@ -147,10 +147,11 @@ class MethodType(enum.StrEnum):
     SUPERVISED = "supervised"
     DPO = "dpo"
     ORPO = "orpo"
+    REWARD_MODEL = "reward_model"
 
 
 # The methods that learn from preference rows (a prompt with a chosen and a rejected answer).
-PREFERENCE_METHODS = frozenset({MethodType.DPO, MethodType.ORPO})
+PREFERENCE_METHODS = frozenset({MethodType.DPO, MethodType.ORPO, MethodType.REWARD_MODEL})
 
 
 class DpoSettings(RequestModel):
@@ -183,11 +184,14 @@ class OrpoSettings(RequestModel):
 
 class Method(RequestModel):
     """How the adapter learns: `supervised` (SFT on the answers), `dpo` (Direct Preference
-    Optimization against a reference) or `orpo` (Odds Ratio Preference Optimization: SFT and
-    preference in one loss, no reference model), the last two on rows with a chosen and a
-    rejected answer."""
+    Optimization against a reference), `orpo` (Odds Ratio Preference Optimization: SFT and
+    preference in one loss, no reference model), or `reward_model` (a sequence-classification
+    LoRA that scores answers, trained so the chosen one scores higher); all but supervised on
+    rows with a chosen and a rejected answer."""
 
-    type: MethodType = Field(MethodType.SUPERVISED, description="supervised, dpo or orpo.")
+    type: MethodType = Field(
+        MethodType.SUPERVISED, description="supervised, dpo, orpo or reward_model."
+    )
     dpo: DpoSettings | None = Field(None, description="Settings of method dpo.")
     orpo: OrpoSettings | None = Field(None, description="Settings of method orpo.")
 

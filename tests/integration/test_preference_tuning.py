@@ -161,3 +161,33 @@ def test_orpo_raises_held_out_preference_accuracy_without_a_reference(
     # OpenAI's API has no orpo: /v1 leaves the job's method out rather than misname it.
     seen = service.client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
     assert "method" not in seen and seen["status"] == "succeeded"
+
+
+def test_a_reward_model_ranks_held_out_pairs_and_does_not_generate(
+    service: Service, tiny_model: str, pairs: dict[str, str]
+) -> None:
+    created = service.create_job(
+        base_model=tiny_model,
+        dataset_url=pairs["train"],
+        validation_url=pairs["held_out"],
+        method={"type": "reward_model"},
+        hyperparameters=DPO,
+    )
+    job = service.wait_for(created["id"])
+    assert job["status"] == "succeeded", job["error"]
+    evaluation = job["evaluation"]
+    assert evaluation["adapter_preference_accuracy"] >= 0.9  # chance is 0.5
+    # Its pairwise loss fell from the untrained head's (about ln 2, a coin toss) toward 0.
+    assert evaluation["adapter_eval_loss"] < min(evaluation["base_eval_loss"], 0.5)
+
+    answer = service.client.post(
+        "/generate", json={"adapter": job["id"], "prompt": "1 + 1 =", "max_new_tokens": 2}
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "adapter_not_generative"
+    mixed = service.client.post(
+        "/jobs",
+        json={"dataset_url": pairs["train"], "adapter": job["id"], "method": {"type": "dpo"}},
+    )
+    assert mixed.status_code == 400
+    assert mixed.json()["error"]["code"] == "adapter_method_mismatch"
