@@ -83,7 +83,11 @@ def test_a_failed_evaluation_is_reported_and_keeps_the_adapter(tmp_path: Path) -
     rows = arithmetic_rows(4)
     context = cast(
         JobContext,
-        SimpleNamespace(settings=get_settings(), job=SimpleNamespace(id=job_id), workdir=tmp_path),
+        SimpleNamespace(
+            settings=get_settings(),
+            job=SimpleNamespace(id=job_id, method_type="supervised"),
+            workdir=tmp_path,
+        ),
     )
     prepared = cast(
         PreparedDatasets,
