@@ -301,56 +301,35 @@ def train_lora(
             # The new head is trained whole and saved with the adapter.
             modules_to_save=["score"] if scorer else None,
         )
-    callbacks = [_make_callback(spec, hooks), *(extra_callbacks or [])]
-    trainer: Any
+    # TRL's trainer for the method, and its config: the common arguments plus the method's own.
+    trainer_class: Any
+    args: Any
     if scorer:
-        trainer = RewardTrainer(
-            model=model,
-            args=RewardConfig(**common),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config,
-            callbacks=callbacks,
-        )
+        trainer_class, args = RewardTrainer, RewardConfig(**common)
     elif spec.method.orpo is not None:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        trainer = ORPOTrainer(
-            model=model,
-            args=ORPOConfig(**common, beta=spec.method.orpo.beta),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config,
-            callbacks=callbacks,
-        )
+        trainer_class, args = ORPOTrainer, ORPOConfig(**common, beta=spec.method.orpo.beta)
     elif spec.method.dpo is not None:
-        trainer = DPOTrainer(
-            model=model,
-            args=DPOConfig(**common, **_preference_loss(spec.method.dpo)),
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config,
-            callbacks=callbacks,
-        )
+        trainer_class = DPOTrainer
+        args = DPOConfig(**common, **_preference_loss(spec.method.dpo))
     else:
-        config = SFTConfig(
+        trainer_class = SFTTrainer
+        args = SFTConfig(
             **common,
             # Batches of rows of similar length: little padding to compute and throw away.
             train_sampling_strategy="group_by_length",
             packing=False,
         )
-        trainer = SFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=lora_config,
-            callbacks=callbacks,
-        )
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config,
+        callbacks=[_make_callback(spec, hooks), *(extra_callbacks or [])],
+    )
     output = trainer.train(resume_from_checkpoint=spec.resume_from)
     state = trainer.state
     stopped_early = state.global_step < state.max_steps
