@@ -141,6 +141,48 @@ def answers(
     ]
 
 
+def _with_adapter(
+    model_location: str, adapter_dir: Path, kwargs: dict[str, Any], *, scorer: bool = False
+) -> tuple[Any, Any]:
+    """(tokenizer, base model with the adapter, for inference): a generating model, or with
+    `scorer` a one-number sequence classifier (a reward model)."""
+    import torch
+    from peft import PeftModel
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_location, trust_remote_code=False, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loader: Any = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+    base: Any = loader.from_pretrained(
+        model_location,
+        dtype=torch.float32,
+        trust_remote_code=False,
+        use_safetensors=True,
+        **({"num_labels": 1} if scorer else {}),
+        **kwargs,
+    )
+    if scorer:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval()
+    return tokenizer, model
+
+
+def _losses(base_loss: float, adapter_loss: float) -> dict[str, float]:
+    return {
+        "base_eval_loss": round(base_loss, 6),
+        "adapter_eval_loss": round(adapter_loss, 6),
+        "improvement": round((base_loss - adapter_loss) / base_loss, 6) if base_loss else 0.0,
+    }
+
+
 def evaluate_adapter(
     model_location: str,
     adapter_dir: Path,
@@ -152,25 +194,11 @@ def evaluate_adapter(
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The job's `evaluation` (app/jobs/schemas.py Evaluation) for the adapter in adapter_dir."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     started = time.monotonic()
     pairs = records if records and "chosen" in records[0] else None
     if pairs is not None:  # preference rows: losses and samples on the chosen answers
         records = [one_side(record, "chosen") for record in pairs]
-    kwargs = model_kwargs or {}
-    tokenizer = AutoTokenizer.from_pretrained(model_location, trust_remote_code=False, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    base: Any = AutoModelForCausalLM.from_pretrained(
-        model_location, dtype=torch.float32, trust_remote_code=False, use_safetensors=True, **kwargs
-    )
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    model.eval()
+    tokenizer, model = _with_adapter(model_location, adapter_dir, model_kwargs or {})
 
     prompts = [p for p in (sample_prompt(tokenizer, r) for r in records) if p][:samples]
     longest = max(
@@ -196,9 +224,7 @@ def evaluate_adapter(
         **{key: round(value, 6) for key, value in preference.items()},
         "split": split,
         "rows": len(records),
-        "base_eval_loss": round(base_loss, 6),
-        "adapter_eval_loss": round(adapter_loss, 6),
-        "improvement": round((base_loss - adapter_loss) / base_loss, 6) if base_loss else 0.0,
+        **_losses(base_loss, adapter_loss),
         "samples": [
             {"prompt": p.shown, "reference": p.reference, "base": b, "adapter": a}
             for p, b, a in zip(prompts, base_answers, adapter_answers, strict=True)
@@ -254,37 +280,15 @@ def evaluate_reward_model(
 ) -> dict[str, Any]:
     """A reward model's `evaluation`: how often it scores the chosen answer above the rejected
     one (and its pairwise loss), against the untrained head on the same base model."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     started = time.monotonic()
-    kwargs = model_kwargs or {}
-    tokenizer = AutoTokenizer.from_pretrained(model_location, trust_remote_code=False, **kwargs)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    base: Any = AutoModelForSequenceClassification.from_pretrained(
-        model_location,
-        num_labels=1,
-        dtype=torch.float32,
-        trust_remote_code=False,
-        use_safetensors=True,
-        **kwargs,
-    )
-    base.config.pad_token_id = tokenizer.pad_token_id
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
-    model.eval()
+    tokenizer, model = _with_adapter(model_location, adapter_dir, model_kwargs or {}, scorer=True)
     adapter_accuracy, adapter_loss = _ranking(model, tokenizer, pairs, bf16)
     with model.disable_adapter():  # the base model with its new, untrained head
         base_accuracy, base_loss = _ranking(model, tokenizer, pairs, bf16)
     return {
         "split": split,
         "rows": len(pairs),
-        "base_eval_loss": round(base_loss, 6),
-        "adapter_eval_loss": round(adapter_loss, 6),
-        "improvement": round((base_loss - adapter_loss) / base_loss, 6) if base_loss else 0.0,
+        **_losses(base_loss, adapter_loss),
         "base_preference_accuracy": round(base_accuracy, 6),
         "adapter_preference_accuracy": round(adapter_accuracy, 6),
         "samples": [],
