@@ -22,9 +22,9 @@ from app.datasets.reading import (
 from app.devices import Device
 from app.evaluation.split import EvaluationSplit, split_records
 from app.jobs.auto import Resolved, auto_fields, resolve
-from app.jobs.memory import SEQUENCES_PER_ROW, batch_fits
+from app.jobs.memory import batch_fits
 from app.jobs.models import Job
-from app.jobs.schemas import Hyperparameters, TrainingHyperparameters
+from app.jobs.schemas import Hyperparameters, Method, TrainingHyperparameters
 from app.jobs.steps import total_steps
 from app.settings import Settings
 
@@ -64,13 +64,13 @@ def _bring_here(
 
 
 def _parse(
-    fetched: FetchedDataset, field_name: str, settings: Settings, method: str
+    fetched: FetchedDataset, field_name: str, settings: Settings, method: Method
 ) -> ParsedDataset:
     return parse(fetched, field_name, settings, method=method)
 
 
-def _token_counts(parsed: ParsedDataset, tokenizer: Any) -> list[int]:
-    return token_counts(parsed, tokenizer)
+def _token_counts(parsed: ParsedDataset, tokenizer: Any, method: Method) -> list[int]:
+    return token_counts(parsed, tokenizer, answer_tokens=method.answer_tokens)
 
 
 def _check_lengths(
@@ -110,7 +110,7 @@ def resolve_hyperparameters(
             seq=seq,
             device_bytes=memory,
             accelerator=device.accelerator_class if device else "cpu",
-            sequences_per_row=SEQUENCES_PER_ROW[job.method_type],
+            sequences_per_row=Method.model_validate(job.method or {}).sequences_per_row,
         ),
     )
 
@@ -134,14 +134,15 @@ def prepare_datasets(
         model_location, trust_remote_code=False, **model_kwargs
     )
     requested = Hyperparameters.model_validate(job.hyperparameters)
+    method = Method.model_validate(job.method or {})
     max_seq_length = requested.max_seq_length
 
     def load(
         url: str, name: str, field_name: str
     ) -> tuple[FetchedDataset, ParsedDataset, list[int]]:
         fetched = _bring_here(job, url, settings, workdir / name, field_name)
-        parsed = _parse(fetched, field_name, settings, job.method_type)
-        counts = _token_counts(parsed, tokenizer)
+        parsed = _parse(fetched, field_name, settings, method)
+        counts = _token_counts(parsed, tokenizer, method)
         _check_lengths(parsed, counts, max_seq_length, fetched, field_name)
         return fetched, parsed, counts
 

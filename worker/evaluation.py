@@ -10,10 +10,15 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from app.datasets.loss_mask import one_side, token_mask
+from app.datasets.loss_mask import one_side, prompt_ids, token_mask
 from app.evaluation.split import Split
+from app.graders import grade
+from app.jobs.schemas import ReinforcementSettings
+
+if TYPE_CHECKING:
+    from worker.rewards import RewardModels
 
 BATCH_ROWS = 8
 MAX_SAMPLE_TOKENS = 64
@@ -28,6 +33,10 @@ class SamplePrompt:
 
 def sample_prompt(tokenizer: Any, record: dict[str, Any]) -> SamplePrompt | None:
     """The prompt of a row and its reference answer; None for rows without a prompt (text)."""
+    if "item" in record:  # a reinforcement prompt: no answer, the grader judges
+        prompt = record["prompt"]
+        shown = prompt if isinstance(prompt, str) else _last_user_words(prompt)
+        return SamplePrompt(shown, None, prompt_ids(tokenizer, prompt))
     if "messages" in record:
         messages = record["messages"]
         last = max(
@@ -50,6 +59,11 @@ def sample_prompt(tokenizer: Any, record: dict[str, Any]) -> SamplePrompt | None
         ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
         return SamplePrompt(record["prompt"], record.get("completion"), list(ids))
     return None
+
+
+def _last_user_words(messages: list[dict[str, str]]) -> str:
+    users = [message["content"] for message in messages if message["role"] == "user"]
+    return users[-1] if users else str(messages[-1]["content"])
 
 
 def _precision(bf16: bool, device: Any) -> contextlib.AbstractContextManager[Any]:
@@ -141,7 +155,7 @@ def answers(
     ]
 
 
-def _with_adapter(
+def with_adapter(
     model_location: str, adapter_dir: Path, kwargs: dict[str, Any], *, scorer: bool = False
 ) -> tuple[Any, Any]:
     """(tokenizer, base model with the adapter, for inference): a generating model, or with
@@ -198,7 +212,7 @@ def evaluate_adapter(
     pairs = records if records and "chosen" in records[0] else None
     if pairs is not None:  # preference rows: losses and samples on the chosen answers
         records = [one_side(record, "chosen") for record in pairs]
-    tokenizer, model = _with_adapter(model_location, adapter_dir, model_kwargs or {})
+    tokenizer, model = with_adapter(model_location, adapter_dir, model_kwargs or {})
 
     prompts = [p for p in (sample_prompt(tokenizer, r) for r in records) if p][:samples]
     longest = max(
@@ -233,7 +247,9 @@ def evaluate_adapter(
     }
 
 
-def _scores(model: Any, tokenizer: Any, rows: list[dict[str, Any]], bf16: bool) -> list[float]:
+def reward_scores(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], bf16: bool
+) -> list[float]:
     """A reward model's score of each chat or prompt-completion row."""
     import torch
 
@@ -259,8 +275,8 @@ def _ranking(
     """(pair accuracy, mean Bradley-Terry loss) of a reward model on preference rows."""
     import math
 
-    chosen = _scores(model, tokenizer, [one_side(row, "chosen") for row in pairs], bf16)
-    rejected = _scores(model, tokenizer, [one_side(row, "rejected") for row in pairs], bf16)
+    chosen = reward_scores(model, tokenizer, [one_side(row, "chosen") for row in pairs], bf16)
+    rejected = reward_scores(model, tokenizer, [one_side(row, "rejected") for row in pairs], bf16)
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
     accuracy = sum(margin > 0 for margin in margins) / max(len(margins), 1)
     # log(1 + e^-m), written so a large margin of either sign cannot overflow.
@@ -281,7 +297,7 @@ def evaluate_reward_model(
     """A reward model's `evaluation`: how often it scores the chosen answer above the rejected
     one (and its pairwise loss), against the untrained head on the same base model."""
     started = time.monotonic()
-    tokenizer, model = _with_adapter(model_location, adapter_dir, model_kwargs or {}, scorer=True)
+    tokenizer, model = with_adapter(model_location, adapter_dir, model_kwargs or {}, scorer=True)
     adapter_accuracy, adapter_loss = _ranking(model, tokenizer, pairs, bf16)
     with model.disable_adapter():  # the base model with its new, untrained head
         base_accuracy, base_loss = _ranking(model, tokenizer, pairs, bf16)
@@ -292,5 +308,48 @@ def evaluate_reward_model(
         "base_preference_accuracy": round(base_accuracy, 6),
         "adapter_preference_accuracy": round(adapter_accuracy, 6),
         "samples": [],
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def evaluate_reinforcement(
+    model_location: str,
+    adapter_dir: Path,
+    records: list[dict[str, Any]],
+    *,
+    split: Split,
+    samples: int,
+    bf16: bool,
+    reinforcement: ReinforcementSettings,
+    reward_models: RewardModels,
+    model_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A reinforcement job's `evaluation`: the grader's mean reward of the greedy answers the
+    base model and the adapter write to prompts the adapter was not trained on."""
+    started = time.monotonic()
+    tokenizer, model = with_adapter(model_location, adapter_dir, model_kwargs or {})
+    prompts = [p for p in (sample_prompt(tokenizer, r) for r in records) if p]
+    items = [record["item"] for record in records]
+    length = reinforcement.max_completion_length
+
+    def mean_reward() -> tuple[float, list[str]]:
+        written: list[str] = []
+        for start in range(0, len(prompts), BATCH_ROWS):
+            written += answers(model, tokenizer, prompts[start : start + BATCH_ROWS], length, bf16)
+        rewards = grade(reinforcement.grader, items, written, reward_model_scorer=reward_models)
+        return sum(rewards) / max(len(rewards), 1), written
+
+    adapter_reward, adapter_answers = mean_reward()
+    with model.disable_adapter():
+        base_reward, base_answers = mean_reward()
+    return {
+        "split": split,
+        "rows": len(records),
+        "base_mean_reward": round(base_reward, 6),
+        "adapter_mean_reward": round(adapter_reward, 6),
+        "samples": [
+            {"prompt": p.shown, "reference": None, "base": b, "adapter": a}
+            for p, b, a in list(zip(prompts, base_answers, adapter_answers, strict=True))[:samples]
+        ],
         "seconds": round(time.monotonic() - started, 2),
     }

@@ -96,6 +96,12 @@ def _method(job: Any) -> str:
         return (
             f"orpo (TRL's experimental ORPOTrainer, beta {settings.get('beta')}) on preference rows"
         )
+    if job.method_type == "reinforcement":
+        grader = settings.get("grader") or {}
+        return (
+            f"grpo (TRL GRPOTrainer, {settings.get('num_generations')} answers per prompt) "
+            f"graded by {grader.get('type')} grader {grader.get('name')!r}"
+        )
     return "sft (TRL SFTTrainer), loss on assistant turns and completions only"
 
 
@@ -166,18 +172,24 @@ def model_card(facts: dict[str, Any]) -> str:
         "- " + ", ".join(f"{k}: {v}" for k, v in metrics.items() if v is not None),
     ]
     if evaluation:
-        lines += [
-            "",
-            f"### Evaluation ({evaluation['split']}, {evaluation['rows']} rows)",
-            "",
-            "| model | eval loss |",
-            "|---|---|",
-            f"| base | {evaluation['base_eval_loss']:.4f} |",
-            f"| adapter | {evaluation['adapter_eval_loss']:.4f} |",
-            "",
-            f"The adapter's eval loss is {abs(evaluation['improvement']):.1%} "
-            f"{'lower' if evaluation['improvement'] >= 0 else 'higher'} than the base model's.",
-        ]
+        lines += ["", f"### Evaluation ({evaluation['split']}, {evaluation['rows']} rows)", ""]
+        if evaluation.get("adapter_mean_reward") is not None:
+            lines += [
+                "| model | grader's mean reward |",
+                "|---|---|",
+                f"| base | {evaluation['base_mean_reward']:.3f} |",
+                f"| adapter | {evaluation['adapter_mean_reward']:.3f} |",
+            ]
+        else:
+            lines += [
+                "| model | eval loss |",
+                "|---|---|",
+                f"| base | {evaluation['base_eval_loss']:.4f} |",
+                f"| adapter | {evaluation['adapter_eval_loss']:.4f} |",
+                "",
+                f"The adapter's eval loss is {abs(evaluation['improvement']):.1%} "
+                f"{'lower' if evaluation['improvement'] >= 0 else 'higher'} than the base model's.",
+            ]
         if evaluation.get("adapter_preference_accuracy") is not None:
             lines += [
                 "",
@@ -190,7 +202,7 @@ def model_card(facts: dict[str, Any]) -> str:
                 "",
                 f"**Prompt:** {sample['prompt']}",
                 "",
-                f"- reference: {sample['reference']}",
+                *([f"- reference: {sample['reference']}"] if sample["reference"] else []),
                 f"- base: {sample['base']}",
                 f"- adapter: {sample['adapter']}",
             ]

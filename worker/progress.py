@@ -27,7 +27,11 @@ class ProgressWriter:
         self.last_write = 0.0
 
     def __call__(self, update_: ProgressUpdate) -> None:
-        if update_.train_loss is not None or update_.eval_loss is not None:
+        if (
+            update_.train_loss is not None
+            or update_.eval_loss is not None
+            or update_.reward_mean is not None
+        ):
             self.pending.append(
                 {
                     "job_id": self.job_id,
@@ -37,6 +41,8 @@ class ProgressWriter:
                     "eval_loss": update_.eval_loss,
                     "lr": update_.learning_rate,
                     "tokens_per_second": update_.tokens_per_second,
+                    "reward_mean": update_.reward_mean,
+                    "reward_std": update_.reward_std,
                     "created_at": utcnow(),
                 }
             )
@@ -54,6 +60,8 @@ class ProgressWriter:
             ("train_loss", update_.train_loss),
             ("eval_loss", update_.eval_loss),
             ("learning_rate", update_.learning_rate),
+            ("reward_mean", update_.reward_mean),
+            ("reward_std", update_.reward_std),
         ):
             if value is not None:
                 self.progress[key] = value

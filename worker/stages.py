@@ -25,6 +25,7 @@ from app.ids import new_id
 from app.jobs import repository
 from app.jobs.events import append_event
 from app.jobs.models import Job, JobStatus, Throughput
+from app.jobs.reward_models import reward_model_paths
 from app.jobs.schemas import LoraSpec, Method
 from app.jobs.transitions import transition
 from app.settings import Settings
@@ -32,10 +33,15 @@ from app.storage import artifact_store
 from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
 from worker.datasets import PreparedDatasets, prepare_datasets
 from worker.distributed import node_processes, run_distributed
-from worker.evaluation import evaluate_adapter, evaluate_reward_model
+from worker.evaluation import (
+    evaluate_adapter,
+    evaluate_reinforcement,
+    evaluate_reward_model,
+)
 from worker.heartbeat import Heartbeat
 from worker.model_card import manifest, write_model_card
 from worker.progress import ProgressWriter
+from worker.rewards import RewardModels
 from worker.sql import with_retries
 from worker.training import Checkpoint, TrainingHooks, TrainingResult, TrainingSpec, train_lora
 
@@ -205,11 +211,12 @@ def train(context: JobContext, validated: Validated) -> Trained:
         )
     writer = ProgressWriter(job.id, settings.progress_interval_seconds)
     kept = hp.checkpoints_kept or settings.checkpoints_kept
+    method = Method.model_validate(job.method or {})
     spec = TrainingSpec(
         model_location=validated.location,
         hyperparameters=hp,
         lora=LoraSpec.model_validate(job.lora),
-        method=Method.model_validate(job.method or {}),
+        method=method,
         model_kwargs=prepared.model_kwargs,
         bf16=validated.bf16,
         checkpoint_every_steps=hp.checkpoint_every_steps or settings.checkpoint_every_steps,
@@ -217,6 +224,7 @@ def train(context: JobContext, validated: Validated) -> Trained:
         checkpoints_kept=kept,
         resume_from=resume_from,
         start_from=start_from,
+        reward_models=reward_models_here(context, method),
     )
     heartbeat = context.heartbeat
     keeper = context.checkpoints = CheckpointKeeper(job.id, settings, kept)
@@ -247,6 +255,30 @@ def train(context: JobContext, validated: Validated) -> Trained:
     return Trained(result, writer.progress, resumed=resume_from is not None)
 
 
+def reward_models_here(context: JobContext, method: Method) -> dict[str, str]:
+    """The reward models the job's grader names, brought into the job's directory: grader
+    `model` -> adapter directory. Found again by reference: one deleted since the job was
+    submitted fails the job by name."""
+    if method.reinforcement is None:
+        return {}
+    job, settings = context.job, context.settings
+    with unit_of_work() as session:
+        paths = reward_model_paths(
+            session,
+            owner=job.owner,
+            grader=method.reinforcement.grader,
+            base_model=job.base_model,
+            settings=settings,
+        )
+    here: dict[str, str] = {}
+    for index, (name, path) in enumerate(sorted(paths.items())):
+        local = context.workdir / "reward-models" / str(index)
+        if not local.is_dir():
+            artifact_store(settings).get_dir(path, local)
+        here[name] = str(local)
+    return here
+
+
 def evaluate(
     context: JobContext, prepared: PreparedDatasets, location: str, bf16: bool
 ) -> dict[str, Any] | None:
@@ -261,7 +293,25 @@ def evaluate(
         f"Evaluating: base model against adapter on {len(scored.scored)} {scored.split} rows.",
     )
     try:
-        if context.job.method_type == "reward_model":
+        method = Method.model_validate(context.job.method or {})
+        if method.reinforcement is not None:
+            evaluation = evaluate_reinforcement(
+                location,
+                context.workdir / "adapter",
+                scored.scored,
+                split=scored.split,
+                samples=settings.auto_eval_samples,
+                bf16=bf16,
+                reinforcement=method.reinforcement,
+                reward_models=RewardModels(
+                    location,
+                    reward_models_here(context, method),
+                    prepared.model_kwargs,
+                    bf16,
+                ),
+                model_kwargs=prepared.model_kwargs,
+            )
+        elif context.job.method_type == "reward_model":
             evaluation = evaluate_reward_model(
                 location,
                 context.workdir / "adapter",
@@ -296,12 +346,21 @@ def evaluate(
             f" Preference accuracy: base {evaluation['base_preference_accuracy']:.0%}, adapter "
             f"{evaluation['adapter_preference_accuracy']:.0%}."
         )
+    where = f"on {evaluation['rows']} {evaluation['split']} rows"
+    if evaluation.get("adapter_mean_reward") is not None:
+        summary = (
+            f"Mean reward {where}: base {evaluation['base_mean_reward']:.3f}, adapter "
+            f"{evaluation['adapter_mean_reward']:.3f}."
+        )
+    else:
+        summary = (
+            f"Eval loss {where}: base {evaluation['base_eval_loss']:.4f}, adapter "
+            f"{evaluation['adapter_eval_loss']:.4f} ({evaluation['improvement']:+.1%}).{accuracy}"
+        )
     event(
         job_id,
         "job.evaluated",
-        f"Eval loss on {evaluation['rows']} {evaluation['split']} rows: base "
-        f"{evaluation['base_eval_loss']:.4f}, adapter {evaluation['adapter_eval_loss']:.4f} "
-        f"({evaluation['improvement']:+.1%}).{accuracy}",
+        summary,
         **{key: value for key, value in evaluation.items() if key != "samples"},
     )
     return evaluation

@@ -6,6 +6,7 @@ top to bottom: load model -> build datasets -> trainer -> train -> save.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -41,6 +42,8 @@ class TrainingSpec:
     checkpoints_kept: int = 3
     resume_from: str | None = None  # a local checkpoint directory to continue from
     start_from: str | None = None  # a local adapter directory to train on from (a parent)
+    # Reinforcement: the adapter directory here of each reward model the grader names.
+    reward_models: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -80,6 +83,9 @@ class ProgressUpdate:
     tokens_per_second: float | None
     eta_seconds: float | None
     eval_loss: float | None = None
+    # Reinforcement: the mean and spread of the grader's rewards of the step's answers.
+    reward_mean: float | None = None
+    reward_std: float | None = None
 
 
 @dataclass
@@ -163,6 +169,8 @@ def _make_callback(spec: TrainingSpec, hooks: TrainingHooks) -> Any:
                     tokens_per_second=tokens / elapsed if tokens else None,
                     eta_seconds=eta,
                     eval_loss=float(logs["eval_loss"]) if "eval_loss" in logs else None,
+                    reward_mean=float(logs["reward"]) if "reward" in logs else None,
+                    reward_std=float(logs["reward_std"]) if "reward_std" in logs else None,
                 )
             )
 
@@ -189,6 +197,12 @@ def trained_tokens(tokenizer: Any, records: list[dict[str, Any]]) -> list[dict[s
     return examples
 
 
+def prompt_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reinforcement rows as GRPOTrainer reads them: the prompt, and the row the grader reads
+    as JSON text (rows differ in their fields; one text column holds any of them)."""
+    return [{"prompt": r["prompt"], "item": json.dumps(r["item"])} for r in records]
+
+
 def _preference_loss(dpo: DpoSettings) -> dict[str, Any]:
     """DPO's sigmoid loss, plus (RPO) the chosen answers' supervised loss at rpo_alpha."""
     if not dpo.rpo_alpha:
@@ -204,8 +218,9 @@ def train_lora(
     hooks: TrainingHooks | None = None,
     extra_callbacks: list[Any] | None = None,
 ) -> TrainingResult:
-    """Train a LoRA adapter with the job's method (TRL's SFTTrainer, or DPOTrainer on preference
-    rows) and save it (PEFT format) into output_dir/adapter."""
+    """Train a LoRA adapter with the job's method (TRL's SFTTrainer; DPOTrainer, ORPOTrainer or
+    RewardTrainer on preference rows; GRPOTrainer on prompt rows) and save it (PEFT format) into
+    output_dir/adapter."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
@@ -217,6 +232,8 @@ def train_lora(
     from trl import (  # type: ignore[attr-defined]
         DPOConfig,
         DPOTrainer,
+        GRPOConfig,
+        GRPOTrainer,
         RewardConfig,
         RewardTrainer,
         SFTConfig,
@@ -247,12 +264,19 @@ def train_lora(
     if scorer:
         model.config.pad_token_id = tokenizer.pad_token_id
 
+    reinforcement = spec.method.reinforcement
+
     def dataset(records: list[dict[str, Any]]) -> Any:
-        # DPO rows go as they are (TRL applies the chat template to conversational ones).
+        # Preference and prompt rows go as they are (TRL applies the chat template to
+        # conversational ones); supervised rows as token ids with their loss mask.
+        if reinforcement is not None:
+            return Dataset.from_list(prompt_rows(records))
         return Dataset.from_list(records if preference else trained_tokens(tokenizer, records))
 
     train_dataset = dataset(train_records)
-    eval_dataset = dataset(eval_records) if eval_records else None
+    # GRPO's own evaluation would write num_generations answers to every row at each eval; the
+    # job's evaluation stage measures the grader's mean reward on held-out prompts instead.
+    eval_dataset = dataset(eval_records) if eval_records and reinforcement is None else None
 
     common: dict[str, Any] = {
         "output_dir": str(output_dir / "trainer"),
@@ -304,7 +328,32 @@ def train_lora(
     # TRL's trainer for the method, and its config: the common arguments plus the method's own.
     trainer_class: Any
     args: Any
-    if scorer:
+    extra: dict[str, Any] = {}
+    if reinforcement is not None:
+        from worker.rewards import RewardModels, reward_function
+
+        trainer_class = GRPOTrainer
+        group = reinforcement.num_generations
+        for key in ("max_length", "dataset_num_proc"):
+            common.pop(key)
+        args = GRPOConfig(
+            **{
+                **common,
+                # batch_size counts prompts; each brings its group of answers to the step.
+                "per_device_train_batch_size": hp.batch_size * group,
+                "per_device_eval_batch_size": hp.batch_size * group,
+            },
+            num_generations=group,
+            max_completion_length=reinforcement.max_completion_length,
+            temperature=reinforcement.temperature,
+            beta=reinforcement.beta,
+            remove_unused_columns=False,  # the grader reads the row's fields
+        )
+        reward_models = RewardModels(
+            spec.model_location, spec.reward_models, spec.model_kwargs, spec.bf16
+        )
+        extra["reward_funcs"] = [reward_function(reinforcement.grader, reward_models)]
+    elif scorer:
         trainer_class, args = RewardTrainer, RewardConfig(**common)
     elif spec.method.orpo is not None:
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -329,6 +378,7 @@ def train_lora(
         processing_class=tokenizer,
         peft_config=lora_config,
         callbacks=[_make_callback(spec, hooks), *(extra_callbacks or [])],
+        **extra,
     )
     output = trainer.train(resume_from_checkpoint=spec.resume_from)
     state = trainer.state

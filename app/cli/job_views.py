@@ -159,15 +159,24 @@ SPLITS = {
 
 
 def _evaluation(evaluation: dict[str, Any]) -> Text:
-    """Base against adapter eval loss; the samples follow the summary."""
+    """Base against adapter: eval loss, or a reinforcement job's mean reward; the samples
+    follow the summary."""
+    split = SPLITS.get(evaluation["split"], evaluation["split"])
+    where = f", on {evaluation['rows']} {split}, {human_seconds(evaluation['seconds'])}"
+    if evaluation.get("adapter_mean_reward") is not None:
+        base, adapter = evaluation["base_mean_reward"], evaluation["adapter_mean_reward"]
+        return Text.assemble(
+            f"mean reward base {base:.3f} -> adapter ",
+            (f"{adapter:.3f}", "green" if adapter > base else "red"),
+            where,
+        )
     base, adapter = evaluation["base_eval_loss"], evaluation["adapter_eval_loss"]
     improvement = evaluation["improvement"]
     change = f"{abs(improvement):.1%} {'lower' if improvement >= 0 else 'higher'}"
-    split = SPLITS.get(evaluation["split"], evaluation["split"])
     summary = Text.assemble(
         f"eval loss base {base:.4f} -> adapter ",
         (f"{adapter:.4f}", "green" if improvement > 0 else "red"),
-        f" ({change}), on {evaluation['rows']} {split}, {human_seconds(evaluation['seconds'])}",
+        f" ({change}){where}",
     )
     if evaluation.get("adapter_preference_accuracy") is not None:
         summary.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,9 +59,21 @@ BaseModelOption = Annotated[
 MethodOption = Annotated[
     str | None,
     typer.Option(
-        help="supervised (default), dpo or orpo (the last two: preference rows with prompt, "
-        "chosen and rejected)."
+        help="supervised (default); dpo, orpo or reward_model (preference rows with prompt, "
+        "chosen and rejected); reinforcement (prompt rows, graded by --grader)."
     ),
+]
+GraderOption = Annotated[
+    Path | None,
+    typer.Option(
+        help='reinforcement: a JSON file with the grader, e.g. {"type": "string_check", '
+        '"name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.answer}}", '
+        '"operation": "eq"}. Implies --method reinforcement.',
+    ),
+]
+GenerationsOption = Annotated[
+    int | None,
+    typer.Option(help="reinforcement: answers written per prompt and compared (default 4)."),
 ]
 BetaOption = Annotated[
     float | None,
@@ -152,6 +165,8 @@ class JobOptions:
     adapter: str | None = None
     method: str | None = None
     beta: float | None = None
+    grader: Path | None = None
+    generations: int | None = None
     validation: str | None = None
     epochs: str | None = None
     learning_rate: str | None = None
@@ -172,6 +187,8 @@ def _job_options(
     adapter: AdapterOption = None,
     method: MethodOption = None,
     beta: BetaOption = None,
+    grader: GraderOption = None,
+    generations: GenerationsOption = None,
     validation: ValidationOption = None,
     epochs: EpochsOption = None,
     learning_rate: LearningRateOption = None,
@@ -204,6 +221,37 @@ def takes_job_options(command: Callable[..., None]) -> Callable[..., None]:
     return with_options
 
 
+def _grader(path: Path) -> dict[str, Any]:
+    try:
+        grader = json.loads(existing_file(str(path), "grader file").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"{path} is not JSON: {exc}", param_hint="--grader") from None
+    if not isinstance(grader, dict):
+        raise typer.BadParameter(f"{path} must hold one grader object", param_hint="--grader")
+    return grader
+
+
+def _method(options: JobOptions) -> dict[str, Any] | None:
+    """The method the options ask for: --beta implies dpo, --grader reinforcement."""
+    implied = "reinforcement" if options.grader else "dpo" if options.beta is not None else None
+    kind = options.method or implied
+    if kind is None:
+        return None
+    method: dict[str, Any] = {"type": kind}
+    if options.beta is not None:
+        method[kind] = {"beta": options.beta}
+    if kind == "reinforcement":
+        if options.grader is None:
+            raise typer.BadParameter(
+                "method reinforcement needs a grader: --grader FILE", param_hint="--grader"
+            )
+        settings: dict[str, Any] = {"grader": _grader(options.grader)}
+        if options.generations is not None:
+            settings["num_generations"] = options.generations
+        method[kind] = settings
+    return method
+
+
 def job_body(client: Client, options: JobOptions) -> dict[str, Any]:
     """The POST /jobs body of the options; what is not given is left to the api's defaults.
     The options are checked before a local dataset is uploaded."""
@@ -215,14 +263,8 @@ def job_body(client: Client, options: JobOptions) -> dict[str, Any]:
         "seed": options.seed,
     }
     lora = {"r": options.lora_r, "alpha": options.lora_alpha}
-    method: dict[str, Any] | None = None
-    if options.method or options.beta is not None:
-        kind = options.method or ("dpo" if options.beta is not None else "supervised")
-        method = {"type": kind}
-        if options.beta is not None:
-            method[kind] = {"beta": options.beta}
     optional = {
-        "method": method,
+        "method": _method(options),
         "base_model": options.base_model,
         "adapter": options.adapter,
         "suffix": options.suffix,

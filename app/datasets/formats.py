@@ -13,7 +13,7 @@ import io
 import itertools
 import json
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -49,6 +49,8 @@ class DatasetFormat(StrEnum):
     SHAREGPT = "sharegpt"
     # A prompt with a chosen and a rejected answer, for preference tuning (method dpo).
     PREFERENCE = "preference"
+    # A prompt alone, with the fields a grader reads, for reinforcement (the model answers).
+    PROMPT = "prompt"
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,10 @@ _SHAPE_EXAMPLES: dict[DatasetFormat, str] = {
 }
 
 PREFERENCE_EXAMPLE = '{"prompt": "2+2=", "chosen": "4", "rejected": "5"}'
+PROMPT_EXAMPLE = (
+    '{"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"} (or "prompt" as text or '
+    "messages; other fields are what the grader reads)"
+)
 _CHAT_ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES: dict[str, str] = {
     "system": "system",
@@ -430,6 +436,46 @@ def _normalise_preference(row: dict[str, Any], line: int, errors: _Errors) -> di
 def _normalise_text(row: dict[str, Any], line: int, errors: _Errors) -> dict[str, Any] | None:
     text = _get_str(row, "text", "text", line, errors)
     return None if text is None else {"text": text}
+
+
+# Checks a prompt row against what reads it (a grader): (field, problem) pairs.
+RowCheck = Callable[[dict[str, Any]], list[tuple[str, str]]]
+
+
+def _normalise_prompt(
+    row: dict[str, Any], line: int, errors: _Errors, row_check: RowCheck | None
+) -> dict[str, Any] | None:
+    """A reinforcement row: the prompt (OpenAI's `messages`, or TRL's `prompt` as text or
+    messages) the model answers, and the whole row as the `item` its grader reads."""
+    before = errors.count
+    key = "messages" if "messages" in row or "prompt" not in row else "prompt"
+    value = row.get(key)
+    prompt: str | list[dict[str, str]] | None
+    if key == "prompt" and not isinstance(value, list):
+        prompt = _get_str(row, "prompt", "prompt", line, errors)
+    elif value is None:
+        errors.add(
+            line,
+            "messages",
+            "is missing: a prompt row has messages ending with the user's turn (or a prompt), "
+            "plus the fields its grader reads",
+        )
+        prompt = None
+    else:
+        prompt = _messages(value, key, line, errors, roles=_CHAT_ROLES)
+        if prompt and prompt[-1]["role"] == "assistant":
+            errors.add(
+                line,
+                f"{key}[{len(prompt) - 1}].role",
+                "is 'assistant'; a prompt for reinforcement ends with the user's turn: the model "
+                "writes the answer, and the grader reads the reference from a field of its own "
+                '(e.g. "answer")',
+            )
+    for field_name, problem in row_check(row) if row_check else ():
+        errors.add(line, field_name, problem)
+    if errors.count != before or prompt is None:
+        return None
+    return {"prompt": prompt, "item": row}
 
 
 _NORMALISERS = {
@@ -755,13 +801,16 @@ def parse_dataset(
     filename: str | None = None,
     max_bytes: int | None = None,
     max_rows: int | None = None,
+    prompts: bool = False,
+    row_check: RowCheck | None = None,
 ) -> ParsedDataset:
-    """Read, validate and normalise a dataset file for TRL's SFTTrainer.
+    """Read, validate and normalise a dataset file for TRL's trainers.
 
     ``filename`` is the user's original file name, used for suffix detection when ``path`` is a
     storage name without one. ``max_bytes`` caps the file's size and, for a gzip file, its
-    decompressed size; ``max_rows`` the number of rows (None: no cap). Raises DatasetError
-    describing every problem found ("dataset_too_large" past a cap).
+    decompressed size; ``max_rows`` the number of rows (None: no cap). ``prompts``: every row is
+    a prompt the model answers (reinforcement), checked by ``row_check`` too. Raises
+    DatasetError describing every problem found ("dataset_too_large" past a cap).
     """
     name = filename or path.name
     size = path.stat().st_size
@@ -773,6 +822,8 @@ def parse_dataset(
     rows = _read_rows(data, name, max_bytes, max_rows)
     if not rows:
         raise _empty_error()
+    if prompts:
+        return _parse_prompts(rows, row_check)
 
     detected = _detect_shape(rows)
     errors = _Errors()
@@ -795,6 +846,21 @@ def parse_dataset(
     if errors.count:
         raise _invalid_error(errors, len(rows), fmt)
     return ParsedDataset(format=fmt, records=records, lines=lines)
+
+
+def _parse_prompts(rows: Sequence[_RawRow], row_check: RowCheck | None) -> ParsedDataset:
+    errors = _Errors()
+    records: list[dict[str, Any]] = []
+    lines: list[int] = []
+    for row in rows:
+        value = _readable_object(row, errors)
+        record = None if value is None else _normalise_prompt(value, row.line, errors, row_check)
+        if record is not None:
+            records.append(record)
+            lines.append(row.line)
+    if errors.count:
+        raise _invalid_error(errors, len(rows), DatasetFormat.PROMPT)
+    return ParsedDataset(format=DatasetFormat.PROMPT, records=records, lines=lines)
 
 
 def _empty_error() -> DatasetError:

@@ -152,6 +152,19 @@ def _text(tokenizer: Any, text: str) -> _Rendered:
     return _Rendered(text=text, input_ids=ids, starts=starts, mask=[True] * len(ids))
 
 
+def _prompt_only(tokenizer: Any, prompt: str | Sequence[dict[str, str]]) -> _Rendered:
+    """A reinforcement prompt as the model reads it before answering: nothing in it is
+    learned from directly (the model learns from the grades of what it writes)."""
+    chat = not isinstance(prompt, str)
+    text = prompt if isinstance(prompt, str) else _render(tokenizer, prompt, prompt=True)
+    ids, starts = _token_starts(tokenizer, text, add_special_tokens=not chat)
+    return _Rendered(text=text, input_ids=ids, starts=starts, mask=[False] * len(ids))
+
+
+def prompt_ids(tokenizer: Any, prompt: str | Sequence[dict[str, str]]) -> list[int]:
+    return _prompt_only(tokenizer, prompt).input_ids
+
+
 def one_side(record: dict[str, Any], side: str) -> dict[str, Any]:
     """A preference row's prompt with its `chosen` or `rejected` answer, as a chat or
     prompt-completion row (what the preference loss scores)."""
@@ -163,6 +176,8 @@ def one_side(record: dict[str, Any], side: str) -> dict[str, Any]:
 def _render_record(tokenizer: Any, record: dict[str, Any]) -> _Rendered:
     if "chosen" in record:  # a preference row: shown with its chosen answer
         return _render_record(tokenizer, one_side(record, "chosen"))
+    if "item" in record:  # a reinforcement prompt
+        return _prompt_only(tokenizer, record["prompt"])
     if "messages" in record:
         return _chat(tokenizer, record["messages"])
     if "prompt" in record:

@@ -6,6 +6,7 @@ so a plan sees exactly what the job will.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ from app.datasets.formats import (
     ParsedDataset,
     parse_dataset,
 )
-from app.datasets.loss_mask import one_side
+from app.datasets.loss_mask import one_side, prompt_ids
 from app.db import unit_of_work
 from app.errors import InvalidRequest, NotFound
 from app.files.repository import get_file
+from app.graders import check_row
+from app.jobs.schemas import Method, MethodType
 from app.settings import Settings
 from app.storage import artifact_store
 
@@ -72,22 +75,24 @@ def bring_here(
 
 
 def parse(
-    fetched: FetchedDataset, field_name: str, settings: Settings, *, method: str = "supervised"
+    fetched: FetchedDataset, field_name: str, settings: Settings, *, method: Method
 ) -> ParsedDataset:
     """The dataset read and checked row by row, and fit for the job's method: preference rows
-    (a chosen and a rejected answer) for dpo, any other shape for supervised."""
-    parsed = _parse(fetched, field_name, settings)
+    (a chosen and a rejected answer) for dpo, orpo and reward_model, prompt rows with the fields
+    the grader reads for reinforcement, any other shape for supervised."""
+    parsed = _parse(fetched, field_name, settings, method)
     preference = parsed.format is DatasetFormat.PREFERENCE
     where = f"{field_name} ({fetched.filename})"
-    if method in ("dpo", "orpo", "reward_model") and not preference:
+    if method.learns_preferences and not preference:
         raise DatasetFailure(
             "dataset_method_mismatch",
-            f"{where}: method {method} learns from preference rows, each a prompt with a chosen "
-            f"and a rejected answer, but this dataset's rows are {parsed.format.value} (line "
-            f"{parsed.lines[0]}). Give rows like {PREFERENCE_EXAMPLE}, or use method supervised.",
+            f"{where}: method {method.type} learns from preference rows, each a prompt with a "
+            f"chosen and a rejected answer, but this dataset's rows are {parsed.format.value} "
+            f"(line {parsed.lines[0]}). Give rows like {PREFERENCE_EXAMPLE}, or use method "
+            "supervised.",
             {"field": field_name, "format": parsed.format.value},
         )
-    if method == "supervised" and preference:
+    if method.type is MethodType.SUPERVISED and preference:
         raise DatasetFailure(
             "dataset_method_mismatch",
             f"{where}: its rows are preference rows (a chosen and a rejected answer, line "
@@ -98,13 +103,18 @@ def parse(
     return parsed
 
 
-def _parse(fetched: FetchedDataset, field_name: str, settings: Settings) -> ParsedDataset:
+def _parse(
+    fetched: FetchedDataset, field_name: str, settings: Settings, method: Method
+) -> ParsedDataset:
+    grader = method.reinforcement.grader if method.reinforcement else None
     try:
         return parse_dataset(
             fetched.path,
             filename=fetched.filename,
             max_bytes=settings.max_dataset_bytes,
             max_rows=settings.max_dataset_rows,
+            prompts=grader is not None,
+            row_check=None if grader is None else partial(check_row, grader),
         )
     except DatasetError as exc:
         detail = {
@@ -119,14 +129,22 @@ def _parse(fetched: FetchedDataset, field_name: str, settings: Settings) -> Pars
         raise DatasetFailure(exc.code, f"{field_name} ({fetched.filename}): {exc}", detail) from exc
 
 
-def token_counts(parsed: ParsedDataset, tokenizer: Any) -> list[int]:
-    """Tokens of each row as training sees it (chat template applied, EOS counted)."""
+def token_counts(parsed: ParsedDataset, tokenizer: Any, *, answer_tokens: int = 0) -> list[int]:
+    """Tokens of each row as training sees it (chat template applied, EOS counted); a prompt
+    row counts its prompt and the `answer_tokens` the model may write to it."""
+    if parsed.format is DatasetFormat.PROMPT:
+        return [prompt_tokens(tokenizer, record) + answer_tokens for record in parsed.records]
     if parsed.format is DatasetFormat.PREFERENCE:  # the longer of prompt + each answer
         return [
             max(_tokens(tokenizer, one_side(record, side)) for side in ("chosen", "rejected"))
             for record in parsed.records
         ]
     return [_tokens(tokenizer, record) for record in parsed.records]
+
+
+def prompt_tokens(tokenizer: Any, record: dict[str, Any]) -> int:
+    """Tokens of a prompt row as the model reads it, ready for the answer."""
+    return len(prompt_ids(tokenizer, record["prompt"]))
 
 
 def _tokens(tokenizer: Any, record: dict[str, Any]) -> int:

@@ -70,11 +70,6 @@ class MemoryEstimate:
         )
 
 
-# Sequences one row puts through the model: dpo runs a row's chosen and rejected answers together
-# (and its reference pass keeps no activations for backward).
-SEQUENCES_PER_ROW = {"supervised": 1, "dpo": 2, "orpo": 2, "reward_model": 2}
-
-
 def estimate_memory(
     facts: ModelFacts,
     *,

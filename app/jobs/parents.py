@@ -46,6 +46,12 @@ def _lora(facts: LoraFacts, reference: str) -> LoraSpec:
     )
 
 
+def lora_facts(settings: Settings, path: str) -> LoraFacts:
+    """The LoRA settings of the adapter stored at `path` (its adapter_config.json)."""
+    with artifact_store(settings).open(f"{path}/{CONFIG}") as config:
+        return parse_config(config.read())
+
+
 def resolve_parent(
     session: Session, *, owner: str, request: CreateJobRequest, settings: Settings
 ) -> tuple[CreateJobRequest, dict[str, Any] | None]:
@@ -72,8 +78,7 @@ def resolve_parent(
             detail={"field": FIELD},
         )
     try:
-        with artifact_store(settings).open(f"{parent.path}/{CONFIG}") as config:
-            facts = parse_config(config.read())
+        facts = lora_facts(settings, parent.path)
     except TuneserveError as exc:
         raise _about_the_field(exc) from None
     scores = facts.task_type == "SEQ_CLS"

@@ -43,7 +43,6 @@ from app.files.repository import get_file
 from app.jobs import repository
 from app.jobs.auto import auto_fields, resolve
 from app.jobs.memory import (
-    SEQUENCES_PER_ROW,
     MemoryEstimate,
     batch_fits,
     estimate_memory,
@@ -57,6 +56,7 @@ from app.jobs.schemas import (
     LossMaskPreview,
     MaskSegment,
     MemoryParts,
+    Method,
     PlanDataset,
     PlanDevice,
     PlanMemory,
@@ -192,7 +192,7 @@ class _Read:
 
 
 def _read(
-    owner: str, url: str, settings: Settings, workdir: Path, field_name: str, method: str
+    owner: str, url: str, settings: Settings, workdir: Path, field_name: str, method: Method
 ) -> _Read:
     """The dataset brought here and parsed as the worker does; a failure is the job's error."""
     try:
@@ -221,7 +221,7 @@ def _memory(
     lora: dict[str, Any],
     rows: int,
     counts: list[int],
-    method: str = "supervised",
+    method: Method,
 ) -> PlanMemory:
     seq = min(int(hyperparameters["max_seq_length"]), max(counts))
     estimate = estimate_memory(
@@ -231,7 +231,7 @@ def _memory(
         lora_r=int(lora["r"]),
         target_modules=lora["target_modules"],
         accelerator=device.accelerator,
-        sequences_per_row=SEQUENCES_PER_ROW[method],
+        sequences_per_row=method.sequences_per_row,
     )
     fitting = None if device.memory_bytes is None else fits(estimate, device.memory_bytes)
     suggestion = None
@@ -246,7 +246,7 @@ def _memory(
             p99_row_tokens=p99,
             rows_over_p99=sum(1 for count in counts if count > p99),
             accelerator=device.accelerator,
-            sequences_per_row=SEQUENCES_PER_ROW[method],
+            sequences_per_row=method.sequences_per_row,
         )
         suggestion = PlanSuggestion(message=advice.message, hyperparameters=advice.hyperparameters)
     return PlanMemory(
@@ -306,7 +306,7 @@ def plan_job(
     problems: list[PlanProblem] = []
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="plan-", dir=settings.data_dir) as workdir:
-        method = request.method.type.value
+        method = request.method
         train = _read(owner, request.dataset_url, settings, Path(workdir), "dataset_url", method)
         validation = None
         if request.validation_url is not None:
@@ -316,7 +316,9 @@ def plan_job(
     with tokenizer_of(settings, base_model) as tokenizer:
         for read in (train, validation):
             if read is not None:
-                read.counts = token_counts(read.parsed, tokenizer)
+                read.counts = token_counts(
+                    read.parsed, tokenizer, answer_tokens=method.answer_tokens
+                )
         previews = _preview(tokenizer, train) if preview else []
     for read, field_name in ((train, "dataset_url"), (validation, "validation_url")):
         if read is None:
@@ -345,7 +347,7 @@ def plan_job(
             seq=seq,
             device_bytes=device.memory_bytes,
             accelerator=device.accelerator,
-            sequences_per_row=SEQUENCES_PER_ROW[method],
+            sequences_per_row=method.sequences_per_row,
         ),
     )
     hyperparameters = resolved.hyperparameters
@@ -444,7 +446,7 @@ def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> 
         lora_r=int(lora["r"]),
         target_modules=lora["target_modules"],
         accelerator=device.accelerator,
-        sequences_per_row=SEQUENCES_PER_ROW[request.method.type.value],
+        sequences_per_row=request.method.sequences_per_row,
     )
     if fits(most, device.memory_bytes) or not request.dataset_url.startswith("file-"):
         return

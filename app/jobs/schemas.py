@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from app.graders import Grader
 from app.jobs.auto import AUTO
 from app.jobs.models import JobStatus
 from app.schemas import RequestModel, ResponseModel, absent_if_none
@@ -148,6 +149,7 @@ class MethodType(enum.StrEnum):
     DPO = "dpo"
     ORPO = "orpo"
     REWARD_MODEL = "reward_model"
+    REINFORCEMENT = "reinforcement"
 
 
 # The methods that learn from preference rows (a prompt with a chosen and a rejected answer).
@@ -182,33 +184,90 @@ class OrpoSettings(RequestModel):
     )
 
 
+class ReinforcementSettings(RequestModel):
+    """GRPO: for each prompt the adapter writes `num_generations` answers, the grader scores
+    them, and the adapter moves toward the answers that scored above their group's mean."""
+
+    grader: Grader = Field(
+        description="What scores an answer (string_check, text_similarity, regex, json_schema, "
+        "json_equal, multi or reward_model); its templates read the row's fields as "
+        "{{item.<field>}} and the answer as {{sample.output_text}}."
+    )
+    num_generations: StrictInt = Field(
+        4,
+        ge=2,
+        le=64,
+        description="Answers written per prompt and compared with each other (GRPO's group). "
+        "Each step trains on batch_size prompts times this many answers.",
+    )
+    max_completion_length: StrictInt = Field(
+        256, ge=1, le=32768, description="The longest answer written, in tokens."
+    )
+    temperature: float = Field(
+        1.0, gt=0, le=2, description="Sampling temperature of the answers written in training."
+    )
+    beta: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Weight of a KL penalty toward the reference model (the base model or the "
+        "adapter started from). 0 (default, as in TRL and recent GRPO practice) keeps no "
+        "reference and lets the reward alone steer.",
+    )
+
+
 class Method(RequestModel):
     """How the adapter learns: `supervised` (SFT on the answers), `dpo` (Direct Preference
     Optimization against a reference), `orpo` (Odds Ratio Preference Optimization: SFT and
-    preference in one loss, no reference model), or `reward_model` (a sequence-classification
-    LoRA that scores answers, trained so the chosen one scores higher); all but supervised on
-    rows with a chosen and a rejected answer."""
+    preference in one loss, no reference model), `reward_model` (a sequence-classification
+    LoRA that scores answers, trained so the chosen one scores higher), all three on rows with
+    a chosen and a rejected answer; or `reinforcement` (GRPO: the adapter writes answers to
+    prompt-only rows and learns from a grader's scores)."""
 
     type: MethodType = Field(
-        MethodType.SUPERVISED, description="supervised, dpo, orpo or reward_model."
+        MethodType.SUPERVISED,
+        description="supervised, dpo, orpo, reward_model or reinforcement.",
     )
     dpo: DpoSettings | None = Field(None, description="Settings of method dpo.")
     orpo: OrpoSettings | None = Field(None, description="Settings of method orpo.")
+    reinforcement: ReinforcementSettings | None = Field(
+        None, description="Settings of method reinforcement; its grader is required."
+    )
 
     @model_validator(mode="after")
     def _settings_of_its_type(self) -> Method:
-        for kind in (MethodType.DPO, MethodType.ORPO):
+        for kind in (MethodType.DPO, MethodType.ORPO, MethodType.REINFORCEMENT):
             if getattr(self, kind.value) is not None and self.type is not kind:
                 raise ValueError(f"{kind.value} settings go with type {kind.value}")
         if self.type is MethodType.DPO and self.dpo is None:
             self.dpo = DpoSettings()
         if self.type is MethodType.ORPO and self.orpo is None:
             self.orpo = OrpoSettings()
+        if self.type is MethodType.REINFORCEMENT and self.reinforcement is None:
+            raise ValueError(
+                "method reinforcement needs its settings with a grader, e.g. "
+                '{"type": "reinforcement", "reinforcement": {"grader": {"type": "string_check", '
+                '"name": "exact", "input": "{{sample.output_text}}", "reference": '
+                '"{{item.answer}}", "operation": "eq"}}}'
+            )
         return self
 
     @property
     def learns_preferences(self) -> bool:
         return self.type in PREFERENCE_METHODS
+
+    @property
+    def sequences_per_row(self) -> int:
+        """Sequences a row becomes in a training batch: the chosen and the rejected answer of a
+        preference row, the answers written to a reinforcement prompt."""
+        if self.reinforcement is not None:
+            return self.reinforcement.num_generations
+        return 2 if self.learns_preferences else 1
+
+    @property
+    def answer_tokens(self) -> int:
+        """Tokens the model writes to a row in training (reinforcement), beyond the row's own."""
+        return self.reinforcement.max_completion_length if self.reinforcement else 0
 
 
 class CreateJobRequest(RequestModel):
@@ -307,6 +366,10 @@ class Progress(ResponseModel):
     tokens_per_second: float | None = None
     eta_seconds: float | None = None
     trained_tokens: int | None = None
+    reward_mean: float | None = absent_if_none(
+        "Reinforcement: the grader's mean reward of the last step's answers."
+    )
+    reward_std: float | None = absent_if_none("Their standard deviation.")
 
 
 class JobError(ResponseModel):
@@ -333,9 +396,18 @@ class Evaluation(ResponseModel):
         "training_rows: the dataset was too small to hold rows out, so these were trained on."
     )
     rows: int
-    base_eval_loss: float = Field(description="Mean loss of the base model on the trained tokens.")
-    adapter_eval_loss: float
-    improvement: float = Field(description="(base - adapter) / base: 0.25 is 25% lower loss.")
+    base_eval_loss: float | None = absent_if_none(
+        "Mean loss of the base model on the trained tokens (every method but reinforcement, "
+        "whose rows have no answer to score)."
+    )
+    adapter_eval_loss: float | None = absent_if_none("The same loss for the fine-tuned model.")
+    improvement: float | None = absent_if_none("(base - adapter) / base: 0.25 is 25% lower loss.")
+    base_mean_reward: float | None = absent_if_none(
+        "Reinforcement: the grader's mean reward of the base model's greedy answers."
+    )
+    adapter_mean_reward: float | None = absent_if_none(
+        "The same mean reward for the fine-tuned model's answers."
+    )
     base_preference_accuracy: float | None = absent_if_none(
         description="Preference rows (method dpo): the share whose chosen answer the base model "
         "finds likelier than the rejected one; the losses are then on the chosen answers.",
@@ -443,6 +515,10 @@ class MetricPoint(ResponseModel):
     eval_loss: float | None
     lr: float | None
     tokens_per_second: float | None
+    reward_mean: float | None = absent_if_none(
+        "Reinforcement: the grader's mean reward of the step's answers."
+    )
+    reward_std: float | None = absent_if_none("Their standard deviation.")
     created_at: datetime
 
 

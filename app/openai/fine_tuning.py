@@ -53,11 +53,24 @@ class Dpo(OpenAIRequest):
     hyperparameters: DpoHyperparameters | None = None
 
 
+class ReinforcementHyperparameters(OpenAIHyperparameters):
+    # Answers written per prompt: num_generations = 4 x compute_multiplier (at least 2).
+    compute_multiplier: Auto | float | None = None
+    eval_interval: Auto | int | None = None
+    eval_samples: Auto | int | None = None
+    reasoning_effort: Literal["default", "low", "medium", "high"] | None = None
+
+
+class Reinforcement(OpenAIRequest):
+    grader: dict[str, Any]  # validated as the native grader (app/graders)
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class Method(OpenAIRequest):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: Supervised | None = None
     dpo: Dpo | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: Reinforcement | None = None
 
 
 class CreateFineTuningJob(OpenAIRequest):
@@ -128,26 +141,61 @@ class Checkpoint(BaseModel):
 def _hyperparameters(body: CreateFineTuningJob) -> OpenAIHyperparameters:
     if body.method is None:
         return body.hyperparameters or OpenAIHyperparameters()
-    if body.method.type == "reinforcement":
-        raise unsupported(
-            "method.type",
-            "method.type 'reinforcement' is not supported yet: tuneserve trains LoRA adapters "
-            'with supervised fine-tuning or DPO; use {"type": "supervised"} or {"type": "dpo"}.',
-        )
     if body.hyperparameters is not None:
         raise InvalidRequest(
             f"Give hyperparameters in method.{body.method.type}.hyperparameters or at the top "
             "level, not both.",
             detail={"field": "hyperparameters"},
         )
-    chosen = body.method.dpo if body.method.type == "dpo" else body.method.supervised
+    chosen = {
+        "supervised": body.method.supervised,
+        "dpo": body.method.dpo,
+        "reinforcement": body.method.reinforcement,
+    }[body.method.type]
     return (chosen.hyperparameters if chosen else None) or OpenAIHyperparameters()
 
 
+# Answers GRPO writes per prompt at compute_multiplier 1 (tuneserve's num_generations default).
+GENERATIONS_PER_COMPUTE = 4
+
+
+def _reinforcement(body: CreateFineTuningJob, chosen: OpenAIHyperparameters) -> dict[str, Any]:
+    settings = body.method.reinforcement if body.method else None
+    if settings is None:
+        raise InvalidRequest(
+            'method.reinforcement: give the grader, e.g. {"grader": {"type": '
+            '"string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": '
+            '"{{item.answer}}", "operation": "eq"}}.',
+            detail={"field": "method.reinforcement"},
+        )
+    native: dict[str, Any] = {"grader": settings.grader}
+    if isinstance(chosen, ReinforcementHyperparameters):
+        for name, asks in (
+            ("eval_interval", chosen.eval_interval not in (None, auto.AUTO)),
+            ("eval_samples", chosen.eval_samples not in (None, auto.AUTO)),
+            ("reasoning_effort", chosen.reasoning_effort not in (None, "default")),
+        ):
+            if asks:
+                raise unsupported(
+                    f"method.reinforcement.hyperparameters.{name}",
+                    f"{name} is not supported: tuneserve evaluates a reinforcement job once, "
+                    "after training, on held-out prompts (base model against adapter), and its "
+                    'models have no reasoning effort. Leave it out or "auto".',
+                )
+        if isinstance(chosen.compute_multiplier, float | int):
+            native["num_generations"] = max(
+                2, round(GENERATIONS_PER_COMPUTE * chosen.compute_multiplier)
+            )
+    return {"type": "reinforcement", "reinforcement": native}
+
+
 def _method(body: CreateFineTuningJob, chosen: OpenAIHyperparameters) -> dict[str, Any]:
-    """The native method: supervised, or dpo with its beta ("auto" or omitted: the default)."""
+    """The native method: supervised, dpo with its beta ("auto" or omitted: the default), or
+    reinforcement with its grader."""
     if body.method is None or body.method.type == "supervised":
         return {"type": "supervised"}
+    if body.method.type == "reinforcement":
+        return _reinforcement(body, chosen)
     beta = chosen.beta if isinstance(chosen, DpoHyperparameters) else None
     return {"type": "dpo", "dpo": {} if beta in (None, auto.AUTO) else {"beta": beta}}
 
@@ -260,11 +308,27 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
 
 
 def _openai_method(job: Job, hyperparameters: dict[str, Any]) -> dict[str, Any] | None:
-    if job.method_type == "orpo":
+    if job.method_type in ("orpo", "reward_model"):
         return None
     if job.method_type == "dpo":
         beta = (job.method or {}).get("dpo", {}).get("beta")
         return {"type": "dpo", "dpo": {"hyperparameters": {**hyperparameters, "beta": beta}}}
+    if job.method_type == "reinforcement":
+        settings = (job.method or {})["reinforcement"]
+        compute = settings["num_generations"] / GENERATIONS_PER_COMPUTE
+        return {
+            "type": "reinforcement",
+            "reinforcement": {
+                "grader": settings["grader"],
+                "hyperparameters": {
+                    **hyperparameters,
+                    "compute_multiplier": compute,
+                    "eval_interval": "auto",
+                    "eval_samples": "auto",
+                    "reasoning_effort": "default",
+                },
+            },
+        }
     return {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
 
 

@@ -1,4 +1,5 @@
-// The loss chart of a job: train and eval loss against the step, as inline SVG.
+// The chart of a job, as inline SVG: train and eval loss against the step, or for a
+// reinforcement job the grader's mean reward of each step's answers with its spread.
 
 import { el, svg } from "./api.js";
 
@@ -25,7 +26,7 @@ function ticks(low, high, count, smallest = 0) {
   return values.map((value) => ({ value, label: value.toFixed(decimals) }));
 }
 
-function axes(x, y, xMax, yMin, yMax) {
+function axes(x, y, xMax, yMin, yMax, yLabel) {
   const parts = [];
   for (const tick of ticks(yMin, yMax, 5)) {
     const at = y(tick.value);
@@ -57,7 +58,7 @@ function axes(x, y, xMax, yMin, yMax) {
     svg(
       "text",
       { class: "axis-label", transform: `translate(14 ${middle}) rotate(-90)` },
-      "loss",
+      yLabel,
     ),
   );
   return parts;
@@ -71,9 +72,27 @@ function latest(series, field) {
   return series.length ? lastOf(series)[field].toFixed(4) : "—";
 }
 
+function frame(points, totalSteps, values) {
+  const lastStep = Math.max(...points.map((p) => p.step));
+  const xMax = Math.max(totalSteps ?? 0, lastStep, 1);
+  const low = Math.min(...values);
+  const high = Math.max(...values);
+  const pad = (high - low) * 0.08 || Math.abs(high) * 0.05 || 1;
+  const [yMin, yMax] = [low - pad, high + pad];
+  const x = (step) => MARGIN.left + (step / xMax) * PLOT_WIDTH;
+  const y = (value) => MARGIN.top + (1 - (value - yMin) / (yMax - yMin)) * PLOT_HEIGHT;
+  const line = (series, field) =>
+    series.map((p) => `${x(p.step).toFixed(1)},${y(p[field]).toFixed(1)}`).join(" ");
+  return { lastStep, xMax, yMin, yMax, x, y, line };
+}
+
 // Draw `points` (GET /jobs/{id}/metrics) into `container`. The x axis runs to the job's total
 // steps when known, so the curve grows across the chart as the job trains.
 export function drawLossChart(container, points, totalSteps) {
+  if (points.some((p) => typeof p.reward_mean === "number")) {
+    drawRewardChart(container, points, totalSteps);
+    return;
+  }
   const train = points.filter((p) => typeof p.train_loss === "number");
   const evals = points.filter((p) => typeof p.eval_loss === "number");
   if (train.length === 0 && evals.length === 0) {
@@ -83,16 +102,7 @@ export function drawLossChart(container, points, totalSteps) {
     return;
   }
   const losses = [...train.map((p) => p.train_loss), ...evals.map((p) => p.eval_loss)];
-  const lastStep = Math.max(...points.map((p) => p.step));
-  const xMax = Math.max(totalSteps ?? 0, lastStep, 1);
-  const low = Math.min(...losses);
-  const high = Math.max(...losses);
-  const pad = (high - low) * 0.08 || Math.abs(high) * 0.05 || 1;
-  const [yMin, yMax] = [low - pad, high + pad];
-  const x = (step) => MARGIN.left + (step / xMax) * PLOT_WIDTH;
-  const y = (loss) => MARGIN.top + (1 - (loss - yMin) / (yMax - yMin)) * PLOT_HEIGHT;
-  const line = (series, field) =>
-    series.map((p) => `${x(p.step).toFixed(1)},${y(p[field]).toFixed(1)}`).join(" ");
+  const { lastStep, xMax, yMin, yMax, x, y, line } = frame(points, totalSteps, losses);
 
   const chart = svg(
     "svg",
@@ -103,7 +113,7 @@ export function drawLossChart(container, points, totalSteps) {
         `Loss over ${lastStep} steps: ` +
         `${train.length} train points, ${evals.length} eval points`,
     },
-    axes(x, y, xMax, yMin, yMax),
+    axes(x, y, xMax, yMin, yMax, "loss"),
     train.length
       ? svg("polyline", { class: "series train", points: line(train, "train_loss") })
       : null,
@@ -134,6 +144,52 @@ export function drawLossChart(container, points, totalSteps) {
     `train loss ${latest(train, "train_loss")} (${train.length} points)`,
     evals.length ? el("span", { class: "key eval" }) : null,
     evals.length ? `eval loss ${latest(evals, "eval_loss")} (${evals.length} points)` : null,
+  );
+  container.replaceChildren(chart, legend);
+}
+
+// A reinforcement job: the mean reward of each step's answers, and a band one standard
+// deviation either side of it (how far the answers of a step were apart).
+function drawRewardChart(container, points, totalSteps) {
+  const steps = points.filter((p) => typeof p.reward_mean === "number");
+  const spread = (p) => p.reward_std ?? 0;
+  const values = steps.flatMap((p) => [p.reward_mean - spread(p), p.reward_mean + spread(p)]);
+  const { lastStep, xMax, yMin, yMax, x, y, line } = frame(steps, totalSteps, values);
+  const band = [
+    ...steps.map((p) => `${x(p.step).toFixed(1)},${y(p.reward_mean + spread(p)).toFixed(1)}`),
+    ...[...steps]
+      .reverse()
+      .map((p) => `${x(p.step).toFixed(1)},${y(p.reward_mean - spread(p)).toFixed(1)}`),
+  ].join(" ");
+  const chart = svg(
+    "svg",
+    {
+      viewBox: `0 0 ${WIDTH} ${HEIGHT}`,
+      role: "img",
+      "aria-label": `Mean reward over ${lastStep} steps: ${steps.length} points`,
+    },
+    axes(x, y, xMax, yMin, yMax, "reward"),
+    svg("polygon", { class: "spread", points: band }),
+    svg("polyline", { class: "series reward", points: line(steps, "reward_mean") }),
+    steps.map((p) =>
+      svg(
+        "circle",
+        { class: "reward-point", cx: x(p.step), cy: y(p.reward_mean), r: 3 },
+        svg(
+          "title",
+          {},
+          `step ${p.step}: mean reward ${p.reward_mean.toFixed(3)} ± ${spread(p).toFixed(3)}`,
+        ),
+      ),
+    ),
+  );
+  const legend = el(
+    "p",
+    { class: "legend" },
+    el("span", { class: "key reward" }),
+    `mean reward ${latest(steps, "reward_mean")} (${steps.length} points)`,
+    el("span", { class: "key spread" }),
+    "± one standard deviation of the step's answers",
   );
   container.replaceChildren(chart, legend);
 }

@@ -59,8 +59,10 @@ function drawProgress(job) {
     typeof progress.tokens_per_second === "number"
       ? `${progress.tokens_per_second.toFixed(0)} tokens/s`
       : null,
-    `train loss ${formatLoss(progress.train_loss)}`,
-    `eval loss ${formatLoss(progress.eval_loss)}`,
+    typeof progress.reward_mean === "number"
+      ? `mean reward ${progress.reward_mean.toFixed(3)}`
+      : `train loss ${formatLoss(progress.train_loss)}`,
+    typeof progress.reward_mean === "number" ? null : `eval loss ${formatLoss(progress.eval_loss)}`,
   ].filter(Boolean);
   byId("job-progress").replaceChildren(
     progressBar(job.progress, job.status),
@@ -185,17 +187,25 @@ function drawEvaluation(job) {
     body.replaceChildren(el("p", { class: "muted" }, "No evaluation was recorded for this job."));
     return;
   }
+  const rewarded = evaluation.adapter_mean_reward != null;
   const better = evaluation.improvement >= 0;
   const facts = el("dl", { class: "facts" });
   fillFacts(facts, [
     ["Rows", `${formatNumber(evaluation.rows)}, ${SPLITS[evaluation.split] ?? evaluation.split}`],
-    ["Base model eval loss", formatLoss(evaluation.base_eval_loss)],
-    ["Adapter eval loss", formatLoss(evaluation.adapter_eval_loss)],
-    [
-      "Improvement",
-      `${(Math.abs(evaluation.improvement) * 100).toFixed(1)}% ` +
-        `${better ? "lower" : "higher"} loss than the base model`,
-    ],
+    ...(rewarded
+      ? [
+          ["Base model mean reward", evaluation.base_mean_reward.toFixed(3)],
+          ["Adapter mean reward", evaluation.adapter_mean_reward.toFixed(3)],
+        ]
+      : [
+          ["Base model eval loss", formatLoss(evaluation.base_eval_loss)],
+          ["Adapter eval loss", formatLoss(evaluation.adapter_eval_loss)],
+          [
+            "Improvement",
+            `${(Math.abs(evaluation.improvement) * 100).toFixed(1)}% ` +
+              `${better ? "lower" : "higher"} loss than the base model`,
+          ],
+        ]),
     ...(evaluation.adapter_preference_accuracy == null
       ? []
       : [
@@ -385,6 +395,7 @@ function main() {
         api(`${jobPath}/events?after=${lastSeq}&limit=1000`),
       ]);
       drawJob(job);
+      byId("loss-title").textContent = job.method?.type === "reinforcement" ? "Reward" : "Loss";
       drawLossChart(byId("loss-chart"), metrics.data, job.progress?.total_steps);
       appendEvents(events.data);
       if (!planRequested) {
