@@ -94,6 +94,8 @@ def _facts(job: dict[str, Any]) -> Table:
         ]
         if progress.get("eval_loss") is not None:
             parts.append(f"eval loss {loss_text(progress['eval_loss'])}")
+        if progress.get("reward_mean") is not None:
+            parts.append(f"mean reward {progress['reward_mean']:.3f}")
         if progress.get("tokens_per_second") is not None:
             parts.append(f"{progress['tokens_per_second']:.0f} tokens/s")
         if progress.get("eta_seconds") is not None and job["status"] == "running":
@@ -206,14 +208,21 @@ def job_summary(job: dict[str, Any]) -> Group:
 
 
 def metrics_table(points: list[dict[str, Any]]) -> Table:
-    table = list_table("step", "epoch", "train loss", "eval loss", "lr", "tokens/s")
+    """The curve: losses, or for a reinforcement job the grader's mean reward and spread."""
+    rewarded = any(point.get("reward_mean") is not None for point in points)
+    scores = ("mean reward", "reward std") if rewarded else ("train loss", "eval loss")
+    table = list_table("step", "epoch", *scores, "lr", "tokens/s")
     for point in points:
         speed = point.get("tokens_per_second")
+        shown = (
+            (number(point.get("reward_mean"), 3), number(point.get("reward_std"), 3))
+            if rewarded
+            else (loss_text(point.get("train_loss")), loss_text(point.get("eval_loss")))
+        )
         table.add_row(
             str(point["step"]),
             number(point.get("epoch"), 3),
-            loss_text(point.get("train_loss")),
-            loss_text(point.get("eval_loss")),
+            *shown,
             number(point.get("lr"), 3),
             "-" if speed is None else f"{speed:.0f}",
         )

@@ -75,6 +75,10 @@ GenerationsOption = Annotated[
     int | None,
     typer.Option(help="reinforcement: answers written per prompt and compared (default 4)."),
 ]
+AnswerTokensOption = Annotated[
+    int | None,
+    typer.Option(help="reinforcement: the longest answer written, in tokens (default 256)."),
+]
 BetaOption = Annotated[
     float | None,
     typer.Option(
@@ -167,6 +171,7 @@ class JobOptions:
     beta: float | None = None
     grader: Path | None = None
     generations: int | None = None
+    answer_tokens: int | None = None
     validation: str | None = None
     epochs: str | None = None
     learning_rate: str | None = None
@@ -189,6 +194,7 @@ def _job_options(
     beta: BetaOption = None,
     grader: GraderOption = None,
     generations: GenerationsOption = None,
+    answer_tokens: AnswerTokensOption = None,
     validation: ValidationOption = None,
     epochs: EpochsOption = None,
     learning_rate: LearningRateOption = None,
@@ -248,6 +254,8 @@ def _method(options: JobOptions) -> dict[str, Any] | None:
         settings: dict[str, Any] = {"grader": _grader(options.grader)}
         if options.generations is not None:
             settings["num_generations"] = options.generations
+        if options.answer_tokens is not None:
+            settings["max_completion_length"] = options.answer_tokens
         method[kind] = settings
     return method
 

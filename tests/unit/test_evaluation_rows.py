@@ -85,7 +85,7 @@ def test_a_failed_evaluation_is_reported_and_keeps_the_adapter(tmp_path: Path) -
         JobContext,
         SimpleNamespace(
             settings=get_settings(),
-            job=SimpleNamespace(id=job_id, method_type="supervised"),
+            job=SimpleNamespace(id=job_id, method=None, method_type="supervised"),
             workdir=tmp_path,
         ),
     )
