@@ -87,11 +87,9 @@ def _facts(job: dict[str, Any]) -> Table:
     progress = job.get("progress")
     if progress:
         step = f"step {progress.get('step', 0)}/{progress.get('total_steps') or '?'}"
-        parts = [
-            step,
-            f"epoch {number(progress.get('epoch'), 3)}",
-            f"train loss {loss_text(progress.get('train_loss'))}",
-        ]
+        parts = [step, f"epoch {number(progress.get('epoch'), 3)}"]
+        if progress.get("reward_mean") is None:  # a reinforcement job's loss says little
+            parts.append(f"train loss {loss_text(progress.get('train_loss'))}")
         if progress.get("eval_loss") is not None:
             parts.append(f"eval loss {loss_text(progress['eval_loss'])}")
         if progress.get("reward_mean") is not None:

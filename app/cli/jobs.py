@@ -297,24 +297,27 @@ def follow_job(client: Client, job_id: str) -> dict[str, Any]:
         BarColumn(),
         TaskProgressColumn(),
         TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
-        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[score]}"),
         TextColumn("ETA {task.fields[eta]}"),
         TimeElapsedColumn(),
     )
     try:
         with Progress(*columns, console=err_console) as bar:
-            task = bar.add_task(job_id, total=1, status="queued", loss="-", eta="-")
+            task = bar.add_task(job_id, total=1, status="queued", score="loss -", eta="-")
             while True:
                 job: dict[str, Any] = call(client, "GET", f"/jobs/{job_id}")
                 progress = job.get("progress") or {}
-                loss = progress.get("train_loss")
+                loss, reward = progress.get("train_loss"), progress.get("reward_mean")
                 eta = progress.get("eta_seconds")
+                score = f"loss {loss:.4f}" if loss is not None else "loss -"
+                if reward is not None:  # reinforcement: the grader's mean reward says more
+                    score = f"reward {reward:.3f}"
                 bar.update(
                     task,
                     total=progress.get("total_steps") or 1,
                     completed=progress.get("step", 0),
                     status=job["status"],
-                    loss=f"{loss:.4f}" if loss is not None else "-",
+                    score=score,
                     eta=human_seconds(eta),
                 )
                 if job["status"] in TERMINAL:
