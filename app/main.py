@@ -13,6 +13,7 @@ from app.adapters.endpoints import router as adapters_router
 from app.base_models.endpoints import router as models_router
 from app.deps import get_caller
 from app.errors import ERROR_RESPONSES, OPENAI_ERROR_RESPONSES, install_error_handlers
+from app.exports.endpoints import router as exports_router
 from app.files.endpoints import router as files_router
 from app.inference.endpoints import router as inference_router
 from app.inference.engine import InferenceEngine
@@ -51,7 +52,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestSizeLimit, settings=settings)
     # Every route but health needs an API key (401 without one); see app/deps.py.
     authenticated = [Depends(get_caller)]
-    native = (jobs_router, files_router, adapters_router, inference_router, models_router)
+    native = (
+        jobs_router,
+        files_router,
+        adapters_router,
+        exports_router,
+        inference_router,
+        models_router,
+    )
     for router in native:
         app.include_router(router, dependencies=authenticated, responses=ERROR_RESPONSES)
     # The OpenAI-compatible surface: a translation over the same services, OpenAI's error shape.

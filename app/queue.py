@@ -11,6 +11,7 @@ from app.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 RUN_JOB_TASK = "tuneserve.run_job"
+EXPORT_ADAPTER_TASK = "tuneserve.export_adapter"
 TRAINING_QUEUE = "training"
 
 
@@ -60,3 +61,13 @@ def enqueue_job(job_id: str, queue: str = TRAINING_QUEUE, settings: Settings | N
         logger.exception(
             "could not enqueue job %s on %s; the scheduler will resend it", job_id, queue
         )
+
+
+def enqueue_export(export_id: str, settings: Settings | None = None) -> None:
+    """Send "make export X" to the training queue's workers (they hold the models). A message
+    the broker cannot take now leaves the export queued; asking for it again resends it."""
+    broker_url = (settings or get_settings()).celery_broker_url
+    try:
+        _sender(broker_url).send_task(EXPORT_ADAPTER_TASK, args=[export_id], queue=TRAINING_QUEUE)
+    except Exception:
+        logger.exception("could not enqueue export %s", export_id)

@@ -22,7 +22,7 @@ from app.datasets.reading import (
 from app.devices import Device
 from app.evaluation.split import EvaluationSplit, split_records
 from app.jobs.auto import Resolved, auto_fields, resolve
-from app.jobs.memory import batch_fits
+from app.jobs.memory import batch_fits, checkpointing_needed
 from app.jobs.models import Job
 from app.jobs.schemas import Hyperparameters, Method, TrainingHyperparameters
 from app.jobs.steps import total_steps
@@ -55,6 +55,8 @@ class PreparedDatasets:
     hyperparameters: TrainingHyperparameters  # "auto" resolved
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     auto: list[str] = field(default_factory=list)  # the names that were "auto"
+    # On when the job fits this worker's device only with it (app/jobs/memory.py).
+    activation_checkpointing: bool = False
 
 
 def _bring_here(
@@ -111,7 +113,35 @@ def resolve_hyperparameters(
             device_bytes=memory,
             accelerator=device.accelerator_class if device else "cpu",
             sequences_per_row=Method.model_validate(job.method or {}).sequences_per_row,
+            quantization=job.quantization,
         ),
+    )
+
+
+def needs_checkpointing(
+    job: Job,
+    settings: Settings,
+    hyperparameters: TrainingHyperparameters,
+    *,
+    rows: int,
+    max_row_tokens: int,
+    device: Device | None,
+) -> bool:
+    """Whether the job fits this worker's device (or TUNESERVE_DEVICE_MEMORY_BYTES) only with
+    activation checkpointing: its largest batch does not fit without."""
+    memory = settings.device_memory_bytes or (device.memory_bytes if device else None)
+    if memory is None:
+        return False
+    facts = model_facts(settings, get_base_model(settings, job.base_model))
+    return checkpointing_needed(
+        facts,
+        job.lora,
+        batch=min(hyperparameters.batch_size, rows),
+        seq=min(hyperparameters.max_seq_length, max_row_tokens),
+        device_bytes=memory,
+        accelerator=device.accelerator_class if device else "cpu",
+        sequences_per_row=Method.model_validate(job.method or {}).sequences_per_row,
+        quantization=job.quantization,
     )
 
 
@@ -183,6 +213,7 @@ def prepare_datasets(
         max_row_tokens=max(counts),
         device=device,
     )
+    hyperparameters = TrainingHyperparameters.model_validate(resolved.hyperparameters)
     return PreparedDatasets(
         facts=facts,
         train_records=scored.train,
@@ -190,6 +221,14 @@ def prepare_datasets(
         scored=scored,
         total_steps=total_steps(len(scored.train), resolved.hyperparameters, world_size),
         model_kwargs=model_kwargs,
-        hyperparameters=TrainingHyperparameters.model_validate(resolved.hyperparameters),
+        hyperparameters=hyperparameters,
         auto=resolved.auto,
+        activation_checkpointing=needs_checkpointing(
+            job,
+            settings,
+            hyperparameters,
+            rows=len(scored.train),
+            max_row_tokens=max(counts),
+            device=device,
+        ),
     )

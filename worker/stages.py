@@ -26,7 +26,7 @@ from app.jobs import repository
 from app.jobs.events import append_event
 from app.jobs.models import Job, JobStatus, Throughput
 from app.jobs.reward_models import reward_model_paths
-from app.jobs.schemas import LoraSpec, Method
+from app.jobs.schemas import LoraSpec, Method, MethodType
 from app.jobs.transitions import transition
 from app.settings import Settings
 from app.storage import artifact_store
@@ -138,7 +138,13 @@ def validate(context: JobContext) -> Validated:
             data={**device.facts(), "bf16_autocast": bf16},
         )
     base_model = get_base_model(settings, job.base_model)
-    event(job.id, "job.loading_model", f"Preparing base model {base_model.name}.")
+    quantized = f", its linear layers quantized to {job.quantization} (QLoRA)"
+    event(
+        job.id,
+        "job.loading_model",
+        f"Preparing base model {base_model.name}{quantized if job.quantization else ''}.",
+        **({"quantization": job.quantization} if job.quantization else {}),
+    )
     location = model_location(settings, base_model)  # BaseModelUnavailable fails the job
     context.check_stop()
 
@@ -161,6 +167,17 @@ def validate(context: JobContext) -> Validated:
             f"{facts['tokens']} tokens.{auto}",
             data={**facts, "auto_hyperparameters": resolved} if resolved else dict(facts),
         )
+        if prepared.activation_checkpointing:
+            append_event(
+                session,
+                job.id,
+                "job.activation_checkpointing",
+                f"Activation checkpointing on: {hyperparameters['batch_size']} rows of up to "
+                f"{min(hyperparameters['max_seq_length'], facts['max_row_tokens'])} tokens fit "
+                "this device's memory only when activations are recomputed in the backward pass "
+                "(about a third more compute).",
+                data={"activation_checkpointing": True},
+            )
     context.check_stop()
     return Validated(device, bf16, processes, base_model, location, prepared)
 
@@ -219,6 +236,8 @@ def train(context: JobContext, validated: Validated) -> Trained:
         method=method,
         model_kwargs=prepared.model_kwargs,
         bf16=validated.bf16,
+        gradient_checkpointing=prepared.activation_checkpointing,
+        quantization=job.quantization,
         checkpoint_every_steps=hp.checkpoint_every_steps or settings.checkpoint_every_steps,
         checkpoint_every_minutes=hp.checkpoint_every_minutes or settings.checkpoint_every_minutes,
         checkpoints_kept=kept,
@@ -294,42 +313,25 @@ def evaluate(
     )
     try:
         method = Method.model_validate(context.job.method or {})
+        rows = (location, context.workdir / "adapter", scored.scored)
+        common: dict[str, Any] = {
+            "split": scored.split,
+            "bf16": bf16,
+            "model_kwargs": prepared.model_kwargs,
+        }
         if method.reinforcement is not None:
+            reward_models = reward_models_here(context, method)
             evaluation = evaluate_reinforcement(
-                location,
-                context.workdir / "adapter",
-                scored.scored,
-                split=scored.split,
+                *rows,
+                **common,
                 samples=settings.auto_eval_samples,
-                bf16=bf16,
                 reinforcement=method.reinforcement,
-                reward_models=RewardModels(
-                    location,
-                    reward_models_here(context, method),
-                    prepared.model_kwargs,
-                    bf16,
-                ),
-                model_kwargs=prepared.model_kwargs,
+                reward_models=RewardModels(location, reward_models, prepared.model_kwargs, bf16),
             )
-        elif context.job.method_type == "reward_model":
-            evaluation = evaluate_reward_model(
-                location,
-                context.workdir / "adapter",
-                scored.scored,
-                split=scored.split,
-                bf16=bf16,
-                model_kwargs=prepared.model_kwargs,
-            )
+        elif method.type is MethodType.REWARD_MODEL:
+            evaluation = evaluate_reward_model(*rows, **common)
         else:
-            evaluation = evaluate_adapter(
-                location,
-                context.workdir / "adapter",
-                scored.scored,
-                split=scored.split,
-                samples=settings.auto_eval_samples,
-                bf16=bf16,
-                model_kwargs=prepared.model_kwargs,
-            )
+            evaluation = evaluate_adapter(*rows, **common, samples=settings.auto_eval_samples)
     except Exception as exc:
         logger.exception("job %s: the automatic evaluation failed", job_id)
         event(
@@ -385,6 +387,8 @@ def publish(
                 **validated.device.facts(),
                 "bf16_autocast": validated.bf16,
                 "processes": validated.processes,
+                "quantization": job.quantization,
+                "activation_checkpointing": validated.prepared.activation_checkpointing,
             },
             metrics={
                 "steps": result.steps,

@@ -7,7 +7,7 @@ import logging
 from celery.exceptions import Reject
 
 from app.logs import job_logging
-from app.queue import RUN_JOB_TASK
+from app.queue import EXPORT_ADAPTER_TASK, RUN_JOB_TASK
 from worker.celery_app import celery_app
 
 logger = logging.getLogger(__name__)
@@ -22,3 +22,13 @@ def run_job(job_id: str) -> None:
         raise Reject("this worker is shutting down", requeue=True)
     with job_logging(job_id):  # every line logged while it runs says which job
         run(job_id)
+
+
+@celery_app.task(name=EXPORT_ADAPTER_TASK)  # type: ignore[untyped-decorator]
+def export_adapter(export_id: str) -> None:
+    from worker.exporting import run_export
+    from worker.runner import shutting_down
+
+    if shutting_down.is_set():
+        raise Reject("this worker is shutting down", requeue=True)
+    run_export(export_id)

@@ -37,6 +37,7 @@ class TrainingSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     bf16: bool = False
     gradient_checkpointing: bool = False
+    quantization: str | None = None  # "4bit" (QLoRA's NF4) or "8bit": the frozen base's weights
     checkpoint_every_steps: int = 50
     checkpoint_every_minutes: float = 10.0
     checkpoints_kept: int = 3
@@ -210,6 +211,25 @@ def _preference_loss(dpo: DpoSettings) -> dict[str, Any]:
     return {"beta": dpo.beta, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, dpo.rpo_alpha]}
 
 
+def quantization_config(quantization: str | None, bf16: bool) -> Any:
+    """bitsandbytes' config for a quantized frozen base (None: as loaded). 4bit is the QLoRA
+    recipe: NF4 with double quantization (the blocks' scales quantized too), computing in bf16
+    where the device runs it natively, else fp32."""
+    if quantization is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+
+
 def train_lora(
     spec: TrainingSpec,
     train_records: list[dict[str, Any]],
@@ -223,7 +243,7 @@ def train_lora(
     output_dir/adapter."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
+    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -253,14 +273,22 @@ def train_lora(
     scorer = spec.method.type is MethodType.REWARD_MODEL
     # A reward model is the base model with a one-number head: it scores, it does not generate.
     loader: Any = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
+    quantized = quantization_config(spec.quantization, spec.bf16)
     model: Any = loader.from_pretrained(
         spec.model_location,
         dtype=torch.float32,
         trust_remote_code=False,
         use_safetensors=True,
         **({"num_labels": 1} if scorer else {}),
+        **({"quantization_config": quantized} if quantized is not None else {}),
         **spec.model_kwargs,
     )
+    if quantized is not None:
+        # PEFT's k-bit recipe: every weight frozen, the ones left unquantized (embeddings,
+        # norms) in fp32, and inputs that carry gradients when activations are recomputed.
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=spec.gradient_checkpointing
+        )
     if scorer:
         model.config.pad_token_id = tokenizer.pad_token_id
 
@@ -320,6 +348,8 @@ def train_lora(
             lora_alpha=spec.lora.alpha,
             lora_dropout=spec.lora.dropout,
             target_modules=spec.lora.target_modules,
+            use_rslora=spec.lora.use_rslora,
+            use_dora=spec.lora.use_dora,
             bias="none",
             task_type="SEQ_CLS" if scorer else "CAUSAL_LM",
             # The new head is trained whole and saved with the adapter.

@@ -7,13 +7,14 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.adapters.models import Adapter
 from app.db import after_commit, unit_of_work, utcnow
 from app.errors import Conflict, NotFound
+from app.exports.models import AdapterExport
 from app.jobs.models import Job, JobCheckpoint
 from app.pages import newest_first
 from app.settings import Settings
@@ -120,13 +121,21 @@ def all_adapters(session: Session, *, owner: str) -> list[Adapter]:
 
 
 def delete_adapter(session: Session, *, owner: str, adapter_id: str, settings: Settings) -> Adapter:
-    """Delete the owner's adapter: the row now, its files once that commits."""
+    """Delete the owner's adapter and its exports: the rows now, their files once that
+    commits."""
     adapter = get_adapter(session, owner=owner, adapter_id=adapter_id)
+    exported = select(AdapterExport.path).where(AdapterExport.adapter_id == adapter.id)
+    paths = [adapter.path, *session.scalars(exported)]
+    session.execute(delete(AdapterExport).where(AdapterExport.adapter_id == adapter.id))
     session.delete(adapter)
     session.flush()
     store = artifact_store(settings)
-    path = adapter.path
-    after_commit(session, lambda: store.delete(path))
+
+    def delete_files() -> None:
+        for path in paths:
+            store.delete(path)
+
+    after_commit(session, delete_files)
     return adapter
 
 

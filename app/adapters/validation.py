@@ -1,9 +1,10 @@
 """Check an unpacked adapter against its base model before it is registered.
 
-adapter_config.json must describe plain LoRA (not DoRA). adapter_model.safetensors is opened
-with safetensors (its header only; no tensor is read) and must hold exactly the lora_A / lora_B
-weight pairs of linear layers the base model has, named as PEFT saves them
-(`base_model.model.<module>.lora_A.weight`), shaped [r, in_features] and [out_features, r].
+adapter_config.json must describe LoRA (rsLoRA and DoRA included). adapter_model.safetensors is
+opened with safetensors (its header only; no tensor is read) and must hold exactly the lora_A /
+lora_B weight pairs of linear layers the base model has, named as PEFT saves them
+(`base_model.model.<module>.lora_A.weight`), shaped [r, in_features] and [out_features, r], and
+for DoRA (`use_dora`) each module's magnitude (`….lora_magnitude_vector`), shaped [out_features].
 
 The base model's layer shapes come from its config.json alone: the architecture is built on
 torch's `meta` device, which allocates no memory and loads no weights.
@@ -22,7 +23,9 @@ from app.base_models.facts import model_facts
 from app.base_models.registry import BaseModel
 from app.settings import Settings
 
-_WEIGHT = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+_WEIGHT = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.(?:lora_(?P<part>[AB])\.weight|lora_magnitude_vector)$"
+)
 _FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 
@@ -33,6 +36,8 @@ class LoraFacts:
     target_modules: list[str] | str
     dropout: float = 0.0
     task_type: str | None = None  # PEFT's: CAUSAL_LM generates, SEQ_CLS (a reward model) scores
+    use_rslora: bool = False  # scale alpha / sqrt(r) instead of alpha / r
+    use_dora: bool = False  # a magnitude vector per module beside the LoRA pair
 
 
 def _config_invalid(reason: str, **detail: Any) -> Exception:
@@ -68,13 +73,6 @@ def parse_config(content: bytes) -> LoraFacts:
             file=CONFIG,
             field="peft_type",
         )
-    if config.get("use_dora"):
-        raise refusal(
-            "adapter_dora_unsupported",
-            f"{CONFIG} sets use_dora: DoRA adapters are not served; train a plain LoRA adapter.",
-            file=CONFIG,
-            field="use_dora",
-        )
     rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise _config_invalid(f"r is {rank!r}, not a positive integer", field="r")
@@ -90,12 +88,18 @@ def parse_config(content: bytes) -> LoraFacts:
     if not isinstance(dropout, int | float) or isinstance(dropout, bool) or not 0 <= dropout < 1:
         raise _config_invalid(f"lora_dropout is {dropout!r}, not in [0, 1)", field="lora_dropout")
     task_type = config.get("task_type")
+    flags = {name: config.get(name) or False for name in ("use_rslora", "use_dora")}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise _config_invalid(f"{name} is {value!r}, not true or false", field=name)
     return LoraFacts(
         rank=rank,
         alpha=float(alpha),
         target_modules=targets,
         dropout=float(dropout),
         task_type=task_type if isinstance(task_type, str) else None,
+        use_rslora=flags["use_rslora"],
+        use_dora=flags["use_dora"],
     )
 
 
@@ -121,7 +125,10 @@ def check_weights(directory: Path, facts: LoraFacts, shapes: dict[str, tuple[int
                 match = _WEIGHT.match(name)
                 if match is None or dtype not in _FLOAT_DTYPES:
                     raise _unexpected_tensor(name, dtype)
-                pairs.setdefault(match["module"], {})[match["part"]] = (name, shape)
+                part = match["part"] or "magnitude"
+                if part == "magnitude" and not facts.use_dora:
+                    raise _unexpected_tensor(name, dtype, f"{CONFIG} does not set use_dora")
+                pairs.setdefault(match["module"], {})[part] = (name, shape)
     except SafetensorError as exc:
         raise refusal(
             "adapter_weights_invalid",
@@ -135,11 +142,13 @@ def check_weights(directory: Path, facts: LoraFacts, shapes: dict[str, tuple[int
     return len(pairs)
 
 
-def _unexpected_tensor(name: str, dtype: str) -> Exception:
+def _unexpected_tensor(name: str, dtype: str, why: str | None = None) -> Exception:
+    reason = f" ({why})" if why else ""
     return refusal(
         "adapter_weights_invalid",
-        f"{WEIGHTS} holds {name} ({dtype}); only floating-point LoRA weights named as PEFT saves "
-        "them (base_model.model.<module>.lora_A.weight / .lora_B.weight) are accepted.",
+        f"{WEIGHTS} holds {name} ({dtype}){reason}; only floating-point LoRA weights named as "
+        "PEFT saves them (base_model.model.<module>.lora_A.weight / .lora_B.weight, and "
+        ".lora_magnitude_vector for DoRA) are accepted.",
         file=WEIGHTS,
         tensor=name,
     )
@@ -151,8 +160,11 @@ def _check_module(
     facts: LoraFacts,
     shapes: dict[str, tuple[int, int]],
 ) -> None:
-    if set(pair) != {"A", "B"}:
-        have, lacking = next(iter(pair.values()))[0], "lora_B" if "A" in pair else "lora_A"
+    wanted = {"A", "B", "magnitude"} if facts.use_dora else {"A", "B"}
+    if set(pair) != wanted:
+        have = next(iter(pair.values()))[0]
+        names = {"A": "lora_A", "B": "lora_B", "magnitude": "lora_magnitude_vector"}
+        lacking = " or ".join(names[part] for part in sorted(wanted - set(pair)))
         raise refusal(
             "adapter_weights_invalid",
             f"{WEIGHTS} has {have} but no {lacking} for {module}.",
@@ -178,8 +190,12 @@ def _check_module(
             module=module,
         )
     in_features, out_features = shapes[module]
-    expected = {"A": [facts.rank, in_features], "B": [out_features, facts.rank]}
-    for part in ("A", "B"):
+    expected = {
+        "A": [facts.rank, in_features],
+        "B": [out_features, facts.rank],
+        "magnitude": [out_features],
+    }
+    for part in sorted(wanted):
         name, shape = pair[part]
         if shape != expected[part]:
             raise refusal(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
+from app.cli.client import Client
 from app.cli.common import (
     AfterOption,
     JsonOption,
@@ -17,6 +20,7 @@ from app.cli.common import (
     UrlOption,
     call,
     console,
+    err_console,
     facts_table,
     fail,
     human_bytes,
@@ -28,7 +32,7 @@ from app.cli.common import (
     print_json,
     when,
 )
-from app.cli.transfer import download, upload_adapter
+from app.cli.transfer import download, download_resuming, upload_adapter
 
 adapters_app = typer.Typer(help="LoRA adapters: trained or uploaded.", no_args_is_help=True)
 
@@ -171,3 +175,58 @@ def adapters_delete(adapter_id: str, url: UrlOption = None, as_json: JsonOption 
     """Delete an adapter (the job that trained it stays, without it)."""
     deleted = call(make_client(url), "DELETE", f"/adapters/{adapter_id}")
     print_json(deleted) if as_json else console.print(f"deleted {deleted['id']}")
+
+
+@adapters_app.command("export")
+def adapters_export(
+    adapter_id: str,
+    format: Annotated[
+        str, typer.Option("--format", help="merged (a Hugging Face folder, as .tar) or gguf.")
+    ],
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="merged: bfloat16 (default), float16, float32; gguf: f16 (default), q8_0, f32."
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder to save the files in.")
+    ] = Path("."),
+    url: UrlOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Merge an adapter into its base model (or write it as GGUF, with an Ollama Modelfile) on a
+    worker, show its progress, and download the files (run it again to resume a download)."""
+    client = make_client(url)
+    body = {"format": format, **({"precision": precision} if precision else {})}
+    export = call(client, "POST", f"/adapters/{adapter_id}/exports", json=body)
+    export = follow_export(client, adapter_id, export)
+    if export["status"] == "failed":
+        fail(f"export {export['id']} failed: {export['error']['message']}")
+    for file in export["files"]:
+        target = output / file["name"]
+        if target.is_file() and target.stat().st_size == file["bytes"]:
+            note(f"{target} is already here")
+            continue
+        download_resuming(client, file["url"], target, file["name"])
+        note(f"saved {target} ({human_bytes(file['bytes'])})")
+    if as_json:
+        print_json(export)
+
+
+def follow_export(client: Client, adapter_id: str, export: dict[str, Any]) -> dict[str, Any]:
+    """The export, polled with a progress bar (stage, tensors done) until it ends."""
+    columns = (TextColumn("{task.fields[stage]}"), BarColumn(), TaskProgressColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(export["id"], total=None, stage=export["status"])
+        while export["status"] in ("queued", "running"):
+            time.sleep(0.5)
+            export = call(client, "GET", f"/adapters/{adapter_id}/exports/{export['id']}")
+            progress = export.get("progress") or {}
+            bar.update(
+                task,
+                stage=progress.get("stage") or export["status"],
+                total=progress.get("total"),
+                completed=progress.get("done", 0),
+            )
+    return export

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 
 from app.cli.client import ApiError, Client
-from app.cli.common import call, err_console, fail
+from app.cli.common import call, err_console, fail, note
 
 # Smaller transfers take well under a second: a bar would only flicker.
 PROGRESS_FROM_BYTES = 8 * 1024 * 1024
@@ -124,3 +124,31 @@ def download(client: Client, path: str, target: Path, label: str) -> int:
     finally:
         partial.unlink(missing_ok=True)
     return written
+
+
+def download_resuming(client: Client, path: str, target: Path, label: str) -> int:
+    """GET `path` into `target`, going on from the bytes an interrupted earlier run left in
+    `.<name>.part` (an HTTP Range request); the part file stays for the next run on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.part")
+    have = partial.stat().st_size if partial.exists() else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        with client.stream("GET", path, headers=headers) as response, _bar(label) as bar:
+            resumed = response.status_code == 206
+            length = int(response.headers.get("Content-Length") or 0)
+            task = bar.add_task(label, total=(have if resumed else 0) + length or None)
+            bar.advance(task, have if resumed else 0)
+            with partial.open("ab" if resumed else "wb") as handle:
+                for chunk in response.iter_bytes():
+                    handle.write(chunk)
+                    bar.advance(task, len(chunk))
+        partial.replace(target)
+    except ApiError as exc:
+        if "416" in str(exc):  # the part file is already whole (or larger): start over
+            partial.unlink(missing_ok=True)
+        fail(str(exc))
+    except KeyboardInterrupt:
+        note(f"stopped; run the same command again to resume from {partial}")
+        raise
+    return target.stat().st_size

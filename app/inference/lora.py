@@ -7,6 +7,14 @@ matmuls over all slots with each row's foreign slots masked out in between, what
 the batched, segment-by-adapter computation of Punica's SGMV and S-LoRA, in plain PyTorch.
 Adapters of a smaller rank are zero-padded to the largest, which changes nothing. When every
 row uses the same adapter, only its block is used.
+
+rsLoRA adapters differ only in their scale (alpha / sqrt(r)), folded into B like alpha / r.
+DoRA adapters (PEFT's `use_dora`) are batched too: DoRA's layer is
+W' = m * (W + s·BA) / ||W + s·BA||_row, so its output is g * (Wx + s·BAx) + bias with
+g = m / ||W + s·BA||_row, one number per output feature. g depends only on the adapter and the
+base weights, so it is computed once when the adapter enters its slot; a forward pass then
+scales each row's output by its slot's g (1 for plain LoRA and for no adapter), as PEFT
+computes it at inference: y + (g - 1)·(y - bias) + g·s·BAx.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +34,9 @@ NO_ADAPTER = 0
 _WEIGHT = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$"
 )
+_MAGNITUDE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"
+)
 
 
 class AdapterNotLoadable(InvalidRequest):
@@ -34,15 +45,18 @@ class AdapterNotLoadable(InvalidRequest):
 
 @dataclass(frozen=True)
 class AdapterWeights:
-    """An adapter read from disk: per module path, A [r, in] and B [out, r] scaled."""
+    """An adapter read from disk: per module path, A [r, in] and B [out, r] scaled; for DoRA,
+    also its magnitude m [out] per module."""
 
     key: str
     rank: int
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+        lora = sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+        return lora + sum(m.nbytes for m in self.magnitudes.values())
 
 
 def read_adapter(directory: Path, key: str) -> AdapterWeights:
@@ -60,8 +74,6 @@ def read_adapter(directory: Path, key: str) -> AdapterWeights:
         rank, alpha = int(config["r"]), float(config["lora_alpha"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AdapterNotLoadable(f"Adapter {key}: unreadable adapter_config.json ({exc}).") from exc
-    if config.get("use_dora"):
-        raise AdapterNotLoadable(f"Adapter {key} is a DoRA adapter; only LoRA is served.")
     if config.get("task_type") == "SEQ_CLS":
         raise AdapterNotLoadable(
             f"Adapter {key} is a reward model: it scores answers, it does not generate text. "
@@ -69,18 +81,30 @@ def read_adapter(directory: Path, key: str) -> AdapterWeights:
             code="adapter_not_generative",
         )
     scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    dora = bool(config.get("use_dora"))
     parts: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for name, tensor in load_file(str(weights_file)).items():
         match = _WEIGHT.match(name)
-        if match is None:
+        if match is not None:
+            parts.setdefault(match["module"], {})[match["part"]] = tensor
+            continue
+        magnitude = _MAGNITUDE.match(name)
+        if magnitude is None or not dora:
             raise AdapterNotLoadable(f"Adapter {key}: unexpected tensor {name!r}.")
-        parts.setdefault(match["module"], {})[match["part"]] = tensor
+        magnitudes[magnitude["module"]] = tensor.float()
     modules = {}
     for module, pair in parts.items():
         if set(pair) != {"A", "B"}:
             raise AdapterNotLoadable(f"Adapter {key}: {module} lacks lora_A or lora_B.")
         modules[module] = (pair["A"].float(), pair["B"].float() * scale)
-    return AdapterWeights(key=key, rank=rank, modules=modules)
+    if dora and set(magnitudes) != set(modules):
+        lacking = sorted(set(modules) ^ set(magnitudes))[:3]
+        raise AdapterNotLoadable(
+            f"Adapter {key} is a DoRA adapter, but {', '.join(lacking)} lack a LoRA pair or a "
+            "lora_magnitude_vector."
+        )
+    return AdapterWeights(key=key, rank=rank, modules=modules, magnitudes=magnitudes)
 
 
 class _Rows(threading.local):
@@ -88,6 +112,7 @@ class _Rows(threading.local):
 
     single: int | None = None  # every row uses this slot (None: a mix)
     mask: torch.Tensor | None = None  # [rows, slots * rank]: 1 where a column is the row's slot
+    slot_of_row: torch.Tensor | None = None  # [rows, slots]: 1 at the row's slot (a mix)
 
 
 class LoraLinear(nn.Module):
@@ -110,21 +135,35 @@ class LoraLinear(nn.Module):
         self.A = torch.zeros(slots * rank, base.in_features, device=device)
         self.B = torch.zeros(slots * rank, base.out_features, device=device)  # B transposed
         self.used = [False] * slots  # slots this module has weights in
+        # DoRA: g per slot and output feature, [slots, out] (1 where the slot is not DoRA);
+        # made when the first DoRA adapter targets this module.
+        self.g: torch.Tensor | None = None
+        self.dora = [False] * slots
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)
         single = self.rows.single
+        g: torch.Tensor | None = None
         if single is not None:
             if not self.used[single]:
                 return y
             block = slice(single * self.rank, (single + 1) * self.rank)
             delta = (x.float() @ self.A[block].T) @ self.B[block]
+            if self.g is not None and self.dora[single]:
+                g = self.g[single]
         else:
             mask = self.rows.mask
             if mask is None or not any(self.used):
                 return y
             delta = ((x.float() @ self.A.T) * mask[:, None, :]) @ self.B
-        return y.add_(delta.to(y.dtype))
+            if self.g is not None and any(self.dora) and self.rows.slot_of_row is not None:
+                g = (self.rows.slot_of_row @ self.g)[:, None, :]  # each row's slot's g
+        if g is None:
+            return y.add_(delta.to(y.dtype))
+        # DoRA, in PEFT's order: y + ((g - 1) * (y - bias) + g * delta).
+        full = y.float()
+        plain = full if self.base.bias is None else full - self.base.bias.float()
+        return (full + ((g - 1) * plain + g * delta)).to(y.dtype)
 
     def grow(self, rank: int) -> None:
         """Room for adapters of a larger rank (zero padding keeps the others exact)."""
@@ -137,8 +176,15 @@ class LoraLinear(nn.Module):
             setattr(self, name, padded.reshape(self.slots * rank, -1))
         self.rank = rank
 
-    def put(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
-        """Slot `slot` gets A [r, in] and B [out, r] (or nothing)."""
+    def put(
+        self,
+        slot: int,
+        a: torch.Tensor | None,
+        b: torch.Tensor | None,
+        magnitude: torch.Tensor | None = None,
+    ) -> None:
+        """Slot `slot` gets A [r, in] and B [out, r] (or nothing), and for DoRA the magnitude
+        m [out], kept as g = m / ||W + BA||_row (B is scaled already)."""
         block = slice(slot * self.rank, (slot + 1) * self.rank)
         self.A[block].zero_()
         self.B[block].zero_()
@@ -147,6 +193,14 @@ class LoraLinear(nn.Module):
             rows = slice(slot * self.rank, slot * self.rank + a.shape[0])
             self.A[rows] = a
             self.B[rows] = b.T
+        self.dora[slot] = magnitude is not None
+        if self.g is not None:
+            self.g[slot] = 1.0
+        if magnitude is not None and a is not None and b is not None:
+            if self.g is None:
+                self.g = torch.ones(self.slots, self.base.out_features, device=self.A.device)
+            weight = self.base.weight.float() + b.to(self.A.device) @ a.to(self.A.device)
+            self.g[slot] = magnitude.to(self.A.device) / torch.linalg.norm(weight, dim=1)
 
 
 class LoraSlots:
@@ -175,7 +229,7 @@ class LoraSlots:
             for layer in self.layers.values():
                 layer.grow(self.rank)
         for name, (a, b) in weights.modules.items():
-            self._layer(name).put(slot, a, b)
+            self._layer(name).put(slot, a, b, weights.magnitudes.get(name))
         for name, layer in self.layers.items():
             if name not in weights.modules:
                 layer.put(slot, None, None)
@@ -189,11 +243,14 @@ class LoraSlots:
     def batch(self, slots: list[int]) -> None:
         """Set the rows of the next forward pass."""
         if len(set(slots)) == 1:
-            self.rows.single, self.rows.mask = slots[0], None
+            self.rows.single, self.rows.mask, self.rows.slot_of_row = slots[0], None, None
             return
-        columns = torch.arange(self.capacity + 1).repeat_interleave(self.rank)
-        rows = torch.tensor(slots)[:, None]
+        # On the model's device: the LoRA weights are there (a GPU when serving on one).
+        device = next(self.model.parameters()).device
+        columns = torch.arange(self.capacity + 1, device=device).repeat_interleave(self.rank)
+        rows = torch.tensor(slots, device=device)[:, None]
         self.rows.single, self.rows.mask = None, (rows == columns[None, :]).float()
+        self.rows.slot_of_row = (rows == torch.arange(self.capacity + 1, device=device)).float()
 
     def check(self, weights: AdapterWeights) -> None:
         """Refuse an adapter whose modules or shapes do not fit this base model."""
@@ -205,6 +262,13 @@ class LoraSlots:
                     "base model: it was trained on another model."
                 )
             want_a, want_b = (weights.rank, base.in_features), (base.out_features, weights.rank)
+            magnitude = weights.magnitudes.get(name)
+            if magnitude is not None and tuple(magnitude.shape) != (base.out_features,):
+                raise AdapterNotLoadable(
+                    f"Adapter {weights.key}: {name} has a DoRA magnitude of shape "
+                    f"{tuple(magnitude.shape)}, expected ({base.out_features},): it was trained "
+                    "on another model."
+                )
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 raise AdapterNotLoadable(
                     f"Adapter {weights.key}: {name} has LoRA shapes {tuple(a.shape)} and "

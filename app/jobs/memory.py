@@ -6,8 +6,11 @@ Peak memory (bytes) = weights + LoRA and optimizer + activations + LM head (`log
 | part                | formula                                                          |
 | ------------------- | ---------------------------------------------------------------- |
 | weights             | params x 4 (base weights load in fp32); x 2 on CPU workers       |
+|   quantized (QLoRA) | linear params x 0.516 (4bit) or x 1 (8bit) + the rest x 4;        |
+|                     | + params x 4 on CPU workers                                      |
 | LoRA and optimizer  | LoRA params x 4 bytes x 4 (weights, gradients, Adam m and v)     |
 | activations         | batch x seq x hidden x layers x 16 x 4                            |
+|   checkpointed      | batch x seq x hidden x (layers + 16) x 4                          |
 | LM head             | min(batch x seq, 4096) x min(vocab, 32768) x 4 x tiles:           |
 |                     | 8 tiles on CPU workers, 3 on GPUs                                |
 | runtime             | 1 GiB (PyTorch, the process, kernels, allocator slack)           |
@@ -26,6 +29,19 @@ place (3 assumed, not measured here). On CPU workers the part of the peak that d
 with tokens held about twice the fp32 weights (most likely the checkpoint, still mapped), hence x 2.
 GPU estimates are the same formula without those CPU measurements: treat them as the order of
 magnitude.
+
+Quantization (bitsandbytes, `quantization` on a job) stores the base model's linear layers (the
+LM head and embeddings excepted) in 4 bits (NF4: half a byte, plus an 8-bit scale per block of 64
+weights and, with double quantization, an fp32 scale per 256 blocks: 0.516 byte a weight) or in
+8 bits (1 byte; its per-row scales are negligible); the rest stays fp32. On a CPU worker the
+loader reads the whole fp32 checkpoint to quantize it, and those pages stay counted (measured:
+the peak kept about params x 4 beside the quantized weights), so on the CPU quantization saves
+little; on a GPU only the quantized weights live in device memory.
+
+Activation checkpointing keeps only each decoder layer's input (one value per hidden unit and
+token) and recomputes one layer's activations at a time in the backward pass: layers + 16
+values instead of layers x 16 (SmolLM2-135M: 46 instead of 480), for about a third more compute.
+The plan turns it on only for a job that does not fit without it (`checkpointing_needed`).
 
 A job fits when the estimate is at most 90% of the device's memory (GPU memory of one device, or
 the machine's RAM for CPU workers).
@@ -48,6 +64,8 @@ LM_HEAD_TILES = {"cpu": 8}  # rocm, cuda: LM_HEAD_TILES_GPU
 LM_HEAD_TILES_GPU = 3
 WEIGHT_COPIES = {"cpu": 2}  # rocm, cuda: 1
 OPTIMIZER_COPIES = 4
+# Bytes a weight of a quantized linear layer takes (see the module docstring).
+QUANTIZED_BYTES = {"4bit": 0.5 + 1 / 64 + 4 / (64 * 256), "8bit": 1.0}
 RUNTIME_BYTES = 1 << 30
 USABLE_SHARE = 0.9
 GIB = 1 << 30
@@ -70,6 +88,16 @@ class MemoryEstimate:
         )
 
 
+def weight_bytes(facts: ModelFacts, *, accelerator: str, quantization: str | None) -> int:
+    """The base model's weights on one device, as loaded (fp32) or quantized."""
+    if quantization is None:
+        return facts.params * FP32 * WEIGHT_COPIES.get(accelerator, 1)
+    linear = sum(fan_in * fan_out for _name, fan_in, fan_out in facts.linear_layers)
+    held = int(linear * QUANTIZED_BYTES[quantization]) + (facts.params - linear) * FP32
+    # CPU: the fp32 checkpoint read to quantize stays counted (see the module docstring).
+    return held + (facts.params * FP32 if WEIGHT_COPIES.get(accelerator, 1) > 1 else 0)
+
+
 def estimate_memory(
     facts: ModelFacts,
     *,
@@ -79,13 +107,21 @@ def estimate_memory(
     target_modules: str | list[str],
     accelerator: str = "cpu",
     sequences_per_row: int = 1,
+    quantization: str | None = None,
+    checkpointing: bool = False,
 ) -> MemoryEstimate:
-    """The peak of a job on one device of the accelerator class (rocm, cuda or cpu)."""
+    """The peak of a job on one device of the accelerator class (rocm, cuda or cpu), with its
+    base model quantized ("4bit", "8bit") or not, and activation checkpointing on or off."""
     tokens = batch * seq * sequences_per_row
+    values = (
+        facts.layers + ACTIVATION_VALUES_PER_HIDDEN
+        if checkpointing
+        else facts.layers * ACTIVATION_VALUES_PER_HIDDEN
+    )
     return MemoryEstimate(
-        weights=facts.params * FP32 * WEIGHT_COPIES.get(accelerator, 1),
+        weights=weight_bytes(facts, accelerator=accelerator, quantization=quantization),
         lora_and_optimizer=facts.lora_params(lora_r, target_modules) * FP32 * OPTIMIZER_COPIES,
-        activations=tokens * facts.hidden_size * facts.layers * ACTIVATION_VALUES_PER_HIDDEN * FP32,
+        activations=tokens * facts.hidden_size * values * FP32,
         logits=min(tokens, LM_HEAD_TOKEN_TILE)
         * min(facts.vocab_size, LM_HEAD_VOCAB_TILE)
         * FP32
@@ -113,6 +149,8 @@ def batch_fits(
     device_bytes: int | None,
     accelerator: str = "cpu",
     sequences_per_row: int = 1,
+    quantization: str | None = None,
+    checkpointing: bool = False,
 ) -> Callable[[int], bool]:
     """Whether a batch_size fits the device (always, when its memory is unknown)."""
 
@@ -127,10 +165,38 @@ def batch_fits(
             target_modules=lora["target_modules"],
             accelerator=accelerator,
             sequences_per_row=sequences_per_row,
+            quantization=quantization,
+            checkpointing=checkpointing,
         )
         return fits(estimate, device_bytes)
 
     return check
+
+
+def checkpointing_needed(
+    facts: ModelFacts,
+    lora: dict[str, Any],
+    *,
+    batch: int,
+    seq: int,
+    device_bytes: int | None,
+    accelerator: str = "cpu",
+    sequences_per_row: int = 1,
+    quantization: str | None = None,
+) -> bool:
+    """Whether the job must recompute activations to fit: it does not fit without (never when
+    the device's memory is unknown). Checkpointing costs time, so only such jobs pay it."""
+    fitting = batch_fits(
+        facts,
+        lora,
+        rows=batch,
+        seq=seq,
+        device_bytes=device_bytes,
+        accelerator=accelerator,
+        sequences_per_row=sequences_per_row,
+        quantization=quantization,
+    )
+    return not fitting(batch)
 
 
 def _dividing(effective: int, largest: int) -> int:
@@ -159,24 +225,31 @@ def suggest(
     rows_over_p99: int,
     accelerator: str = "cpu",
     sequences_per_row: int = 1,
+    quantization: str | None = None,
+    checkpointing: bool = False,
 ) -> Suggestion:
-    """A change that fits, for a job that does not: a smaller batch with more accumulation (the
-    same effective batch), else also a max_seq_length at the 99th percentile of row lengths."""
+    """A change that fits, for a job that does not (with activation checkpointing when
+    `checkpointing`): a smaller batch with more accumulation (the same effective batch), else
+    also a max_seq_length at the 99th percentile of row lengths, else a 4-bit base model."""
     batch = int(hyperparameters["batch_size"])
     effective = batch * int(hyperparameters["gradient_accumulation_steps"])
 
+    def estimate(rows: int, at_seq: int, quantized: str | None = quantization) -> MemoryEstimate:
+        return estimate_memory(
+            facts,
+            batch=rows,
+            seq=at_seq,
+            lora_r=int(lora["r"]),
+            target_modules=lora["target_modules"],
+            accelerator=accelerator,
+            sequences_per_row=sequences_per_row,
+            quantization=quantized,
+            checkpointing=checkpointing,
+        )
+
     def fitting(at_seq: int, largest: int) -> int | None:
         for smaller in range(largest, 0, -1):
-            estimate = estimate_memory(
-                facts,
-                batch=smaller,
-                seq=at_seq,
-                lora_r=int(lora["r"]),
-                target_modules=lora["target_modules"],
-                accelerator=accelerator,
-                sequences_per_row=sequences_per_row,
-            )
-            if fits(estimate, device_bytes):
+            if fits(estimate(smaller, at_seq), device_bytes):
                 return smaller
         return None
 
@@ -192,42 +265,27 @@ def suggest(
             "optimizer step).",
             {"batch_size": smaller, "gradient_accumulation_steps": accumulation},
         )
-    if p99_row_tokens < seq:
-        one = estimate_memory(
-            facts,
-            batch=1,
-            seq=p99_row_tokens,
-            lora_r=int(lora["r"]),
-            target_modules=lora["target_modules"],
-            accelerator=accelerator,
-            sequences_per_row=sequences_per_row,
+    if p99_row_tokens < seq and fits(estimate(1, p99_row_tokens), device_bytes):
+        chosen = fitting(p99_row_tokens, batch) or 1
+        changes: dict[str, Any] = {
+            "batch_size": chosen,
+            "gradient_accumulation_steps": math.ceil(effective / chosen),
+            "max_seq_length": max(16, p99_row_tokens),
+        }
+        return Suggestion(
+            f"Lower hyperparameters.max_seq_length to {changes['max_seq_length']} (the 99th "
+            f"percentile of row lengths; shorten or remove the {rows_over_p99} longer rows), "
+            f"batch_size to {chosen} and set gradient_accumulation_steps to "
+            f"{changes['gradient_accumulation_steps']}.",
+            changes,
         )
-        if fits(one, device_bytes):
-            chosen = fitting(p99_row_tokens, batch) or 1
-            changes: dict[str, Any] = {
-                "batch_size": chosen,
-                "gradient_accumulation_steps": math.ceil(effective / chosen),
-                "max_seq_length": max(16, p99_row_tokens),
-            }
-            return Suggestion(
-                f"Lower hyperparameters.max_seq_length to {changes['max_seq_length']} (the 99th "
-                f"percentile of row lengths; shorten or remove the {rows_over_p99} longer rows), "
-                f"batch_size to {chosen} and set gradient_accumulation_steps to "
-                f"{changes['gradient_accumulation_steps']}.",
-                changes,
-            )
-    one = estimate_memory(
-        facts,
-        batch=1,
-        seq=seq,
-        lora_r=int(lora["r"]),
-        target_modules=lora["target_modules"],
-        accelerator=accelerator,
-        sequences_per_row=sequences_per_row,
-    )
+    one = estimate(1, seq)
+    quantize = ""
+    if quantization != "4bit" and fits(estimate(1, seq, "4bit"), device_bytes):
+        quantize = ' Or set "quantization": "4bit" (QLoRA): one row fits then.'
     return Suggestion(
         f"Even one row of {seq} tokens needs about {one.total / GIB:.1f} GiB, more than the "
         f"{usable(device_bytes) / GIB:.1f} GiB usable on this device: use a device with more "
-        "memory (`accelerator`), a smaller base model, or shorter rows.",
+        f"memory (`accelerator`), a smaller base model, or shorter rows.{quantize}",
         None,
     )

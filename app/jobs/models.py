@@ -69,6 +69,10 @@ class Job(Base):
     def method_type(self) -> str:
         return str((self.method or {}).get("type", "supervised"))
 
+    # The frozen base model's weights in training (QLoRA): "4bit" (NF4), "8bit", or None (as
+    # loaded). The adapter is a plain LoRA either way and serves on the unquantized base.
+    quantization: Mapped[str | None] = mapped_column(String(8))
+
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     dataset: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -2,7 +2,8 @@
 
 The job trains on from the parent's LoRA weights, so SFT on a skill and then more SFT (or, later,
 preference tuning) is one chain. The parent must be the owner's and of the same base model; its
-LoRA shape (rank, alpha, dropout, target modules) is the job's, so `lora` is not given with it.
+LoRA shape (rank, alpha, dropout, target modules, rsLoRA, DoRA) is the job's, so `lora` is not
+given with it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ def _lora(facts: LoraFacts, reference: str) -> LoraSpec:
         # PEFT saves every targeted module's path; the kinds (q_proj, …) say the same.
         targets = sorted({name.rsplit(".", 1)[-1] for name in targets})
     return LoraSpec(
-        r=facts.rank, alpha=int(facts.alpha), dropout=facts.dropout, target_modules=targets
+        r=facts.rank,
+        alpha=int(facts.alpha),
+        dropout=facts.dropout,
+        target_modules=targets,
+        use_rslora=facts.use_rslora,
+        use_dora=facts.use_dora,
     )
 
 

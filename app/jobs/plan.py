@@ -5,7 +5,8 @@ from the artifact store, or the URL through the guarded fetch, with the same lim
 with the base model's tokenizer and chat template, and checked against max_seq_length. From that:
 the "auto" hyperparameters resolved (app/jobs/auto.py), the steps (worker/training.py's
 `total_steps`), the time from what workers measured (`throughput`), the peak memory and whether
-it fits the target device (app/jobs/memory.py), and the loss mask of the first examples
+it fits the target device, with activation checkpointing when only that makes it fit
+(app/jobs/memory.py), and the loss mask of the first examples
 (app/datasets/loss_mask.py).
 
 `check_fits` is the cheap version run at submission: see its docstring.
@@ -45,6 +46,7 @@ from app.jobs.auto import auto_fields, resolve
 from app.jobs.memory import (
     MemoryEstimate,
     batch_fits,
+    checkpointing_needed,
     estimate_memory,
     fits,
     suggest,
@@ -222,16 +224,32 @@ def _memory(
     rows: int,
     counts: list[int],
     method: Method,
+    quantization: str | None = None,
 ) -> PlanMemory:
+    """The peak estimate on the target device, with activation checkpointing on when the job
+    fits only with it, and a change that fits when it does not fit even so."""
     seq = min(int(hyperparameters["max_seq_length"]), max(counts))
+    batch = min(int(hyperparameters["batch_size"]), rows)
+    checkpointing = checkpointing_needed(
+        facts,
+        lora,
+        batch=batch,
+        seq=seq,
+        device_bytes=device.memory_bytes,
+        accelerator=device.accelerator,
+        sequences_per_row=method.sequences_per_row,
+        quantization=quantization,
+    )
     estimate = estimate_memory(
         facts,
-        batch=min(int(hyperparameters["batch_size"]), rows),
+        batch=batch,
         seq=seq,
         lora_r=int(lora["r"]),
         target_modules=lora["target_modules"],
         accelerator=device.accelerator,
         sequences_per_row=method.sequences_per_row,
+        quantization=quantization,
+        checkpointing=checkpointing,
     )
     fitting = None if device.memory_bytes is None else fits(estimate, device.memory_bytes)
     suggestion = None
@@ -247,6 +265,8 @@ def _memory(
             rows_over_p99=sum(1 for count in counts if count > p99),
             accelerator=device.accelerator,
             sequences_per_row=method.sequences_per_row,
+            quantization=quantization,
+            checkpointing=checkpointing,
         )
         suggestion = PlanSuggestion(message=advice.message, hyperparameters=advice.hyperparameters)
     return PlanMemory(
@@ -257,6 +277,8 @@ def _memory(
         device=device,
         usable_bytes=None if device.memory_bytes is None else usable(device.memory_bytes),
         fits=fitting,
+        activation_checkpointing=checkpointing,
+        quantization=quantization,
         suggestion=suggestion,
     )
 
@@ -302,6 +324,7 @@ def plan_job(
     facts = model_facts(settings, base_model)
     requested = request.hyperparameters.model_dump(mode="json")
     lora = request.lora.model_dump(mode="json")
+    quantization = request.quantization.value if request.quantization else None
     max_seq_length = int(requested["max_seq_length"])
     problems: list[PlanProblem] = []
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -348,6 +371,7 @@ def plan_job(
             device_bytes=device.memory_bytes,
             accelerator=device.accelerator,
             sequences_per_row=method.sequences_per_row,
+            quantization=quantization,
         ),
     )
     hyperparameters = resolved.hyperparameters
@@ -395,6 +419,7 @@ def plan_job(
             rows=rows,
             counts=train.counts,
             method=method,
+            quantization=quantization,
         ),
         loss_mask_preview=previews,
         problems=problems,
@@ -412,10 +437,12 @@ def _architecture_at_hand(settings: Settings, model: BaseModel) -> bool:
 
 
 def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> None:
-    """Refuse (400 job_does_not_fit) a job whose peak memory cannot fit its target device.
+    """Refuse (400 job_does_not_fit) a job whose peak memory cannot fit its target device even
+    with activation checkpointing (which the worker turns on for a job that needs it).
 
     Kept cheap: first the most the job could need (batch_size rows, or 1 row when batch_size is
-    "auto" since auto halves it to fit, of max_seq_length tokens each); when that fits, which is
+    "auto" since auto halves it to fit, of max_seq_length tokens each, activations
+    checkpointed); when that fits, which is
     the usual case, the dataset is not read at all. Only when it does not, and the dataset is an
     uploaded file (`file-…`) of at most 16 MiB, is the dataset tokenized for the real longest
     row; URLs and larger files are left to the worker (which fails the job with out_of_memory
@@ -439,6 +466,7 @@ def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> 
     hyperparameters = request.hyperparameters.model_dump(mode="json")
     lora = request.lora.model_dump(mode="json")
     batch = 1 if "batch_size" in auto_fields(hyperparameters) else hyperparameters["batch_size"]
+    # Activation checkpointing on, as the worker turns it on when the job needs it.
     most = estimate_memory(
         facts,
         batch=int(batch),
@@ -447,6 +475,8 @@ def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> 
         target_modules=lora["target_modules"],
         accelerator=device.accelerator,
         sequences_per_row=request.method.sequences_per_row,
+        quantization=request.quantization.value if request.quantization else None,
+        checkpointing=True,
     )
     if fits(most, device.memory_bytes) or not request.dataset_url.startswith("file-"):
         return
@@ -464,9 +494,11 @@ def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> 
     if plan.memory.fits is False:
         suggestion = plan.memory.suggestion
         advice = f" {suggestion.message}" if suggestion else ""
+        checkpointed = plan.memory.activation_checkpointing
+        recomputed = " with activation checkpointing" if checkpointed else ""
         raise JobDoesNotFit(
             f"The job needs about {plan.memory.estimated_bytes / (1 << 30):.1f} GiB at its peak "
-            f"({plan.memory.batch} rows of {plan.memory.seq} tokens), more than the "
+            f"({plan.memory.batch} rows of {plan.memory.seq} tokens{recomputed}), more than the "
             f"{(plan.memory.usable_bytes or 0) / (1 << 30):.1f} GiB usable on a "
             f"{plan.memory.device.accelerator} worker.{advice} POST /jobs/plan shows the "
             "estimate.",
@@ -474,6 +506,7 @@ def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> 
                 "estimated_bytes": plan.memory.estimated_bytes,
                 "usable_bytes": plan.memory.usable_bytes,
                 "device": plan.memory.device.model_dump(),
+                "activation_checkpointing": plan.memory.activation_checkpointing,
                 "suggestion": suggestion.model_dump() if suggestion else None,
             },
         )

@@ -131,6 +131,16 @@ class LoraSpec(RequestModel):
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear", description='"all-linear" or module names such as ["q_proj", "v_proj"].'
     )
+    use_rslora: bool = Field(
+        False,
+        description="Rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of "
+        "alpha / r, so higher ranks keep learning (rsLoRA).",
+    )
+    use_dora: bool = Field(
+        False,
+        description="Weight-decomposed LoRA (DoRA): a trained magnitude per output feature on "
+        "top of the LoRA direction update. Not with quantization 8bit.",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -142,6 +152,13 @@ class LoraSpec(RequestModel):
             if bad:
                 raise ValueError(f"not module names: {bad}")
         return value
+
+
+class Quantization(enum.StrEnum):
+    """How the frozen base model's linear layers are held in training (bitsandbytes)."""
+
+    NF4 = "4bit"  # QLoRA: NF4 with double quantization
+    INT8 = "8bit"
 
 
 class MethodType(enum.StrEnum):
@@ -300,6 +317,13 @@ class CreateJobRequest(RequestModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     method: Method = Field(default_factory=Method)
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: Quantization | None = Field(
+        None,
+        description='Train on a quantized frozen base model: "4bit" (QLoRA: NF4 with double '
+        'quantization, about 0.5 byte per weight of its linear layers) or "8bit" (1 byte); '
+        "null: as loaded (fp32). The adapter is a plain LoRA and serves on the unquantized "
+        "base model.",
+    )
     metadata: dict[str, str] | None = Field(None, description="Up to 16 short key/value pairs.")
     accelerator: AcceleratorClass | None = Field(
         None,
@@ -454,6 +478,9 @@ class JobView(ResponseModel):
         default_factory=list, description='The hyperparameters that were asked as "auto".'
     )
     lora: dict[str, Any]
+    quantization: Quantization | None = Field(
+        None, description='The base model\'s weights in training: "4bit", "8bit" or null.'
+    )
     method: dict[str, Any] = Field(
         description="How the adapter learns: supervised, or dpo with its beta."
     )
@@ -624,7 +651,19 @@ class PlanMemory(ResponseModel):
     seq: int = Field(description="Tokens per row the estimate assumes (the longest row).")
     device: PlanDevice
     usable_bytes: int | None = Field(description="90% of the device's memory.")
-    fits: bool | None = Field(description="null when the device's memory is unknown.")
+    fits: bool | None = Field(
+        description="With activation checkpointing when it is on; null when the device's "
+        "memory is unknown."
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="On when the job fits only with it: activations are recomputed in the "
+        "backward pass (about a third more compute) instead of kept. The worker turns it on "
+        "and says so in the job's events.",
+    )
+    quantization: Quantization | None = Field(
+        None, description="The base model's weights the estimate assumes (the job's)."
+    )
     suggestion: PlanSuggestion | None = None
 
 

@@ -175,6 +175,7 @@ def create_job(
         hyperparameters=hyperparameters,
         auto_hyperparameters=auto_fields(hyperparameters),
         lora=request.lora.model_dump(mode="json"),
+        quantization=request.quantization.value if request.quantization else None,
         parent=parent,
         method=request.method.model_dump(mode="json", exclude_none=True),
         metadata_=request.metadata,
@@ -219,6 +220,7 @@ def request_of(job: Job) -> CreateJobRequest:
             "validation_url": job.validation_url,
             "hyperparameters": hyperparameters,
             "lora": job.lora,
+            "quantization": job.quantization,
             "method": job.method or {"type": "supervised"},
             "accelerator": accelerator,
         }
@@ -280,6 +282,7 @@ def to_view(
         hyperparameters=job.hyperparameters,
         auto_hyperparameters=job.auto_hyperparameters or [],
         lora=job.lora,
+        quantization=job.quantization,
         method=job.method or {"type": "supervised"},
         parent=(
             {key: job.parent[key] for key in ("reference", "kind", "id")} if job.parent else None

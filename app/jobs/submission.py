@@ -5,10 +5,11 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from app.db import unit_of_work
+from app.errors import InvalidRequest
 from app.jobs import plan, service
 from app.jobs.parents import resolve_parent
 from app.jobs.reward_models import check_reward_models
-from app.jobs.schemas import CreateJobRequest, JobPlan
+from app.jobs.schemas import CreateJobRequest, JobPlan, Quantization
 from app.settings import Settings
 
 
@@ -29,6 +30,7 @@ def submit_job(
     with unit_of_work() as reading:
         request, parent = resolve_parent(reading, owner=owner, request=request, settings=settings)
         check_reward_models(reading, owner=owner, request=request, settings=settings)
+    check_quantization(request)
     plan.check_fits(owner=owner, request=request, settings=settings)
     return service.create_job(
         session,
@@ -45,4 +47,20 @@ def plan_submission(*, owner: str, request: CreateJobRequest, settings: Settings
     with unit_of_work() as session:
         request, _ = resolve_parent(session, owner=owner, request=request, settings=settings)
         check_reward_models(session, owner=owner, request=request, settings=settings)
+    check_quantization(request)
     return plan.plan_job(owner=owner, request=request, settings=settings)
+
+
+def check_quantization(request: CreateJobRequest) -> None:
+    """Refuse (400 quantization_unsupported) what cannot train on a quantized base: DoRA on an
+    8-bit one (PEFT's DoRA dequantizes bitsandbytes' 8-bit layers in a way their next forward
+    pass does not survive: with PEFT 0.21 and bitsandbytes 0.50 training fails at its second
+    step, fresh or from a DoRA parent). The request is the effective one, so a parent adapter's
+    DoRA counts too. Every method trains on 4bit and 8bit bases (all five tried here)."""
+    if request.quantization is Quantization.INT8 and request.lora.use_dora:
+        raise InvalidRequest(
+            'quantization "8bit" does not train DoRA adapters (lora.use_dora, or an adapter '
+            'trained with it): use "4bit", or no quantization.',
+            code="quantization_unsupported",
+            detail={"field": "quantization"},
+        )

@@ -299,9 +299,10 @@ REFUSALS: list[tuple[str, Case, str]] = [
         "adapter_files_missing",
     ),
     (
-        "dora",
+        # DoRA imports (tests/integration/test_lora_variants.py), but with its magnitudes.
+        "dora_without_magnitudes",
         lambda f: ("d.tar.gz", tar_gz(_with_config(f, use_dora=True))),
-        "adapter_dora_unsupported",
+        "adapter_weights_invalid",
     ),
     (
         "not_lora",

@@ -228,6 +228,145 @@ def test_when_one_row_does_not_fit_the_advice_is_a_shorter_max_seq_length() -> N
     assert hopeless.hyperparameters is None and "more memory" in hopeless.message
 
 
+# --- quantization and activation checkpointing ---------------------------------------------------
+
+# SmolLM2-135M whole: 30 layers of q, k, v, o, gate, up and down projections.
+SMOL_LAYERS = tuple(
+    (f"model.layers.{layer}.{name}", fan_in, fan_out)
+    for layer in range(30)
+    for name, fan_in, fan_out in (
+        ("self_attn.q_proj", 576, 576),
+        ("self_attn.k_proj", 576, 192),
+        ("self_attn.v_proj", 576, 192),
+        ("self_attn.o_proj", 576, 576),
+        ("mlp.gate_proj", 576, 1536),
+        ("mlp.up_proj", 576, 1536),
+        ("mlp.down_proj", 1536, 576),
+    )
+)
+SMOL_WHOLE = ModelFacts(
+    params=SMOL.params,
+    hidden_size=576,
+    layers=30,
+    vocab_size=49152,
+    linear_layers=SMOL_LAYERS,
+)
+
+
+def test_quantized_weights_are_counted_per_linear_weight() -> None:
+    from app.jobs.memory import weight_bytes
+
+    linear = 106_168_320  # the 210 linear layers: quantized; embeddings and norms stay fp32
+    assert sum(fan_in * fan_out for _name, fan_in, fan_out in SMOL_LAYERS) == linear
+    rest = (SMOL.params - linear) * 4
+    nf4 = weight_bytes(SMOL_WHOLE, accelerator="cuda", quantization="4bit")
+    int8 = weight_bytes(SMOL_WHOLE, accelerator="cuda", quantization="8bit")
+    assert nf4 == int(linear * (0.5 + 1 / 64 + 4 / 16384)) + rest
+    assert int8 == linear + rest
+    # get_memory_footprint() of the model loaded so here (bitsandbytes 0.50.2): 166.5 MB in
+    # 4 bits, 209 MiB in 8 bits.
+    assert nf4 == pytest.approx(166_471_168, rel=0.02)
+    assert int8 == pytest.approx(209 * 2**20, rel=0.02)
+    fp32 = weight_bytes(SMOL_WHOLE, accelerator="cuda", quantization=None)
+    assert nf4 < int8 < fp32 == SMOL.params * 4
+    # A CPU worker reads the fp32 checkpoint to quantize it: those pages stay counted.
+    assert weight_bytes(SMOL_WHOLE, accelerator="cpu", quantization="4bit") == nf4 + fp32
+    assert weight_bytes(SMOL_WHOLE, accelerator="cpu", quantization=None) == 2 * fp32
+
+    def peak(quantization: str | None) -> int:
+        return estimate_memory(
+            SMOL_WHOLE,
+            batch=1,
+            seq=64,
+            lora_r=16,
+            target_modules="all-linear",
+            accelerator="rocm",
+            quantization=quantization,
+        ).total
+
+    assert peak(None) - peak("4bit") == fp32 - nf4  # only the weights change
+
+
+def test_checkpointed_activations_keep_one_value_per_layer_and_one_layer_whole() -> None:
+    plain = _estimate(8, 100)
+    checkpointed = estimate_memory(
+        SMOL, batch=8, seq=100, lora_r=16, target_modules="all-linear", checkpointing=True
+    )
+    assert checkpointed.activations == 8 * 100 * 576 * (30 + 16) * 4
+    assert plain.activations == 8 * 100 * 576 * 30 * 16 * 4
+    assert plain.total - checkpointed.total == plain.activations - checkpointed.activations
+
+
+def test_checkpointing_is_needed_only_when_the_job_fits_with_it_alone() -> None:
+    from app.jobs.memory import checkpointing_needed, usable
+
+    without = _estimate(8, 512).total
+    with_it = estimate_memory(
+        SMOL, batch=8, seq=512, lora_r=16, target_modules="all-linear", checkpointing=True
+    ).total
+    between = int((without + with_it) / 2 / 0.9)
+    assert with_it <= usable(between) < without
+
+    def needed(device: int | None, batch: int = 8) -> bool:
+        return checkpointing_needed(SMOL, LORA, batch=batch, seq=512, device_bytes=device)
+
+    assert needed(between)
+    assert not needed(int(without / 0.9) + 1)  # fits as it is: no recomputing
+    assert not needed(None)  # unknown memory: nothing to decide from
+    assert not needed(between, batch=1)  # a smaller batch fits without
+    # Suggestions for a job that does not fit even so assume checkpointing on.
+    tight = int(with_it / 0.9) - GIB
+    advice = suggest(
+        SMOL,
+        tight,
+        hyperparameters={"batch_size": 8, "gradient_accumulation_steps": 1},
+        lora=LORA,
+        seq=512,
+        p99_row_tokens=512,
+        rows_over_p99=0,
+        checkpointing=True,
+    )
+    assert advice.hyperparameters is not None
+    smaller = advice.hyperparameters["batch_size"]
+    assert batch_fits(SMOL, LORA, rows=8, seq=512, device_bytes=tight, checkpointing=True)(smaller)
+    assert not batch_fits(SMOL, LORA, rows=8, seq=512, device_bytes=tight)(smaller)
+
+
+def test_when_nothing_fits_in_fp32_the_advice_names_4bit() -> None:
+    rows = {"batch_size": 1, "gradient_accumulation_steps": 1}
+
+    def one_row(quantization: str | None) -> int:
+        return estimate_memory(
+            SMOL_WHOLE,
+            batch=1,
+            seq=64,
+            lora_r=16,
+            target_modules="all-linear",
+            accelerator="cuda",
+            quantization=quantization,
+        ).total
+
+    def hopeless(device: int, quantization: str | None = None) -> str:
+        advice = suggest(
+            SMOL_WHOLE,
+            device,
+            hyperparameters=rows,
+            lora=LORA,
+            seq=64,
+            p99_row_tokens=64,
+            rows_over_p99=0,
+            accelerator="cuda",
+            quantization=quantization,
+        )
+        assert advice.hyperparameters is None
+        return advice.message
+
+    device = int((one_row(None) + one_row("4bit")) / 2 / 0.9)  # fp32 does not fit, 4bit does
+    assert '"quantization": "4bit"' in hopeless(device)
+    assert "quantization" not in hopeless(int(one_row("4bit") / 2), "4bit")  # already 4bit
+    assert "quantization" not in hopeless(GIB // 2)  # 4 bits do not fit either
+
+
 # --- the loss mask on the tiny model's tokenizer --------------------------------------------------
 
 
