@@ -75,6 +75,16 @@ GenerationsOption = Annotated[
     int | None,
     typer.Option(help="reinforcement: answers written per prompt and compared (default 4)."),
 ]
+QuantizationOption = Annotated[
+    str | None,
+    typer.Option(help="4bit (QLoRA: NF4 base) or 8bit: a quantized frozen base model."),
+]
+RsLoraOption = Annotated[
+    bool, typer.Option("--rslora", help="Scale the LoRA by alpha/sqrt(r) (rsLoRA).")
+]
+DoraOption = Annotated[
+    bool, typer.Option("--dora", help="DoRA: learn a magnitude per output feature too.")
+]
 AnswerTokensOption = Annotated[
     int | None,
     typer.Option(help="reinforcement: the longest answer written, in tokens (default 256)."),
@@ -179,6 +189,9 @@ class JobOptions:
     max_seq_length: int | None = None
     lora_r: int | None = None
     lora_alpha: int | None = None
+    rslora: bool = False
+    dora: bool = False
+    quantization: str | None = None
     seed: int | None = None
     suffix: str | None = None
     metadata: list[str] | None = None
@@ -202,6 +215,9 @@ def _job_options(
     max_seq_length: MaxSeqLengthOption = None,
     lora_r: LoraROption = None,
     lora_alpha: LoraAlphaOption = None,
+    rslora: RsLoraOption = False,
+    dora: DoraOption = False,
+    quantization: QuantizationOption = None,
     seed: SeedOption = None,
     suffix: SuffixOption = None,
     metadata: MetadataOption = None,
@@ -270,10 +286,16 @@ def job_body(client: Client, options: JobOptions) -> dict[str, Any]:
         "max_seq_length": options.max_seq_length,
         "seed": options.seed,
     }
-    lora = {"r": options.lora_r, "alpha": options.lora_alpha}
+    lora = {
+        "r": options.lora_r,
+        "alpha": options.lora_alpha,
+        "use_rslora": options.rslora or None,
+        "use_dora": options.dora or None,
+    }
     optional = {
         "method": _method(options),
         "base_model": options.base_model,
+        "quantization": options.quantization,
         "adapter": options.adapter,
         "suffix": options.suffix,
         "metadata": _metadata(options.metadata),

@@ -86,6 +86,7 @@ function describeDevice(device) {
 function drawSummary(job) {
   fillFacts(byId("job-summary"), [
     ["Base model", job.base_model],
+    ["Quantization", job.quantization ? `${job.quantization} (QLoRA)` : null],
     ["Adapter", job.adapter?.name],
     ["Suffix", job.suffix],
     ["Dataset URL", job.dataset_url],
