@@ -191,3 +191,38 @@ def test_a_reward_model_ranks_held_out_pairs_and_does_not_generate(
     )
     assert mixed.status_code == 400
     assert mixed.json()["error"]["code"] == "adapter_method_mismatch"
+
+
+@pytest.mark.real_model
+def test_on_the_default_model_dpo_and_a_reward_model_learn_the_preference(
+    service: Service,
+) -> None:
+    """The default base model prefers the sentence; DPO moves it to JSON, and a reward model
+    learns to rank the JSON answer first, on held-out sums."""
+    train = service.upload("default-prefer.jsonl", jsonl(preference_rows(1, 5)))
+    held_out = service.upload("default-prefer-val.jsonl", jsonl(preference_rows(10, 11)))
+    settings = {"n_epochs": 1, "batch_size": 4, "learning_rate": 5e-4, "max_seq_length": 64}
+    dpo = service.wait_for(
+        service.create_job(
+            dataset_url=train,
+            validation_url=held_out,
+            method={"type": "dpo", "dpo": {"beta": 0.1, "rpo_alpha": 1.0}},
+            hyperparameters=settings,
+        )["id"],
+        timeout=900,
+    )
+    assert dpo["status"] == "succeeded", dpo["error"]
+    evaluation = dpo["evaluation"]
+    assert evaluation["adapter_preference_accuracy"] > evaluation["base_preference_accuracy"]
+
+    judge = service.wait_for(
+        service.create_job(
+            dataset_url=train,
+            validation_url=held_out,
+            method={"type": "reward_model"},
+            hyperparameters={**settings, "learning_rate": 1e-3},
+        )["id"],
+        timeout=900,
+    )
+    assert judge["status"] == "succeeded", judge["error"]
+    assert judge["evaluation"]["adapter_preference_accuracy"] > 0.5  # above chance

@@ -66,6 +66,7 @@ def prompts(service: Service) -> dict[str, str]:
     }
 
 
+@pytest.mark.real_model
 def test_grpo_mean_reward_goes_up_with_a_string_check_grader(
     service: Service, prompts: dict[str, str]
 ) -> None:
