@@ -149,13 +149,13 @@ _SHAPE_EXAMPLES: dict[DatasetFormat, str] = {
         '[{"role": "assistant", "content": "4"}], "non_preferred_output": [{"role": '
         '"assistant", "content": "5"}]} (OpenAI)'
     ),
+    DatasetFormat.PROMPT: (
+        '{"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"} (method '
+        "reinforcement only: a prompt the model answers, and the fields its grader reads)"
+    ),
 }
 
 PREFERENCE_EXAMPLE = '{"prompt": "2+2=", "chosen": "4", "rejected": "5"}'
-PROMPT_EXAMPLE = (
-    '{"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"} (or "prompt" as text or '
-    "messages; other fields are what the grader reads)"
-)
 _CHAT_ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES: dict[str, str] = {
     "system": "system",
@@ -858,6 +858,16 @@ def _parse_prompts(rows: Sequence[_RawRow], row_check: RowCheck | None) -> Parse
         if record is not None:
             records.append(record)
             lines.append(row.line)
+    chat = [isinstance(record["prompt"], list) for record in records]
+    for line, is_chat in zip(lines, chat, strict=True):
+        if records and is_chat != chat[0]:  # one column of TRL's dataset holds them all
+            kinds = ("messages", "text") if chat[0] else ("text", "messages")
+            errors.add(
+                line,
+                "prompt",
+                f"is {kinds[1]} but line {lines[0]}'s prompt is {kinds[0]}: give every prompt "
+                "the same way",
+            )
     if errors.count:
         raise _invalid_error(errors, len(rows), DatasetFormat.PROMPT)
     return ParsedDataset(format=DatasetFormat.PROMPT, records=records, lines=lines)

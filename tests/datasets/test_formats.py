@@ -924,3 +924,37 @@ def test_bad_preference_rows_name_line_and_field(
     assert failure.value.code == "dataset_invalid"
     [error] = failure.value.errors
     assert (error.line, error.field) == (2, field) and message in error.message
+
+
+def _graded(row: dict[str, Any]) -> list[tuple[str, str]]:
+    return [] if "answer" in row else [("answer", "missing: the grader reads {{item.answer}}")]
+
+
+def test_prompt_rows_keep_every_field_for_the_grader(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [user("2+2?")], "answer": "4", "level": 1},
+        {"prompt": [user("3+3?")], "answer": "6"},
+    ]
+    parsed = parse_dataset(
+        write(tmp_path, "t.jsonl", jsonl(*rows)), prompts=True, row_check=_graded
+    )
+    assert parsed.format is DatasetFormat.PROMPT
+    assert parsed.records[0] == {"prompt": [user("2+2?")], "item": rows[0]}
+    assert parsed.records[1]["prompt"] == [user("3+3?")]
+
+
+def test_bad_prompt_rows_name_line_and_field(tmp_path: Path) -> None:
+    rows = [
+        {"prompt": "2+2=", "answer": "4"},
+        {"prompt": [user("3+3?")], "answer": "6"},
+        {"messages": [user("1+1?"), {"role": "assistant", "content": "2"}], "answer": "2"},
+        {"prompt": "5+5="},
+        {"answer": "7"},
+    ]
+    with pytest.raises(DatasetError) as info:
+        parse_dataset(write(tmp_path, "t.jsonl", jsonl(*rows)), prompts=True, row_check=_graded)
+    found = {(e.line, e.field) for e in info.value.errors}
+    assert (2, "prompt") in found  # messages among text prompts
+    assert (3, "messages[1].role") in found  # ends with the answer
+    assert (4, "answer") in found  # the grader's field is missing
+    assert (5, "messages") in found  # no prompt at all

@@ -242,3 +242,19 @@ def test_bad_graders_and_prompt_rows_are_refused_by_field_and_line(
         ]
     )
     assert job["status"] == "failed" and job["error"]["code"] == "dataset_invalid"
+
+
+def test_sft_then_grpo_is_one_chain(service: Service, tiny_model: str) -> None:
+    sft = service.trained_job(tiny_model)
+    rows = service.upload("yes-no-chain.jsonl", jsonl(prompt_rows(QUESTIONS[:4])))
+    created = service.create_job(
+        dataset_url=rows,
+        adapter=sft["id"],
+        method=reinforcement(SAYS_YES),
+        hyperparameters={**GRPO, "n_epochs": 1},
+    )
+    assert created["parent"]["reference"] == sft["id"] and created["base_model"] == tiny_model
+    job = service.wait_for(created["id"])
+    assert job["status"] == "succeeded", job["error"]
+    card = service.adapter_files(job["adapter"]["id"])["README.md"].decode()
+    assert f"trained on from adapter `{sft['id']}`" in card
