@@ -56,7 +56,8 @@ class Settings(BaseSettings):
     )
     models_file: Path | None = Field(
         default=None,
-        description="TOML file of operator base models ([models.NAME] with path= or hf_id=).",
+        description="TOML file of operator base models ([models.NAME] with path= or hf_id=; "
+        'serving = "vllm" and vllm_url= to generate through a vLLM server).',
     )
     allowed_file_dirs: list[Path] = Field(
         default_factory=list,
@@ -165,6 +166,20 @@ class Settings(BaseSettings):
         pattern="^(auto|bf16|fp32)$",
         description="Precision of generation: auto = bf16 where the device runs it natively "
         "(GPUs with bf16, CPUs with AVX512-BF16 or AMX), fp32 otherwise.",
+    )
+    vllm_max_loras: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="Adapters tuneserve keeps loaded in each vLLM server (base models with "
+        'serving = "vllm"): beyond, the least recently used idle one is unloaded. Match the '
+        "server's --max-loras (or its --max-cpu-loras when larger).",
+    )
+    vllm_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="Longest wait for a vLLM server's answer, or for the next piece of a "
+        "streamed one.",
     )
     max_new_tokens_limit: int = Field(
         default=1024, ge=1, description="Largest max_new_tokens a generation may ask for."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Query, Request, UploadFile
@@ -19,6 +20,7 @@ from app.adapters.schemas import (
     AdapterList,
     AdapterView,
 )
+from app.db import after_commit
 from app.deps import CurrentOwner, SessionDep, SettingsDep
 from app.errors import NotFound
 from app.storage import artifact_store
@@ -140,9 +142,15 @@ def download_adapter(
 
 @router.delete("/{adapter_id}", response_model=AdapterDeleted, summary="Delete an adapter")
 def remove_adapter(
-    adapter_id: str, session: SessionDep, owner: CurrentOwner, settings: SettingsDep
+    adapter_id: str,
+    request: Request,
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
 ) -> AdapterDeleted:
     """The row goes at once and the files once that commits; jobs that trained it remain (their
-    `adapter` becomes null)."""
+    `adapter` becomes null). A vLLM server that serves it unloads it once that commits."""
     deleted = delete_adapter(session, owner=owner, adapter_id=adapter_id, settings=settings)
+    engine = request.app.state.engine
+    after_commit(session, partial(engine.adapter_deleted, deleted.id, deleted.base_model))
     return AdapterDeleted(id=deleted.id)

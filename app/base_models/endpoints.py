@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter
+from pydantic import Field
 
 from app.base_models.registry import is_available, list_base_models
 from app.deps import SettingsDep
@@ -22,6 +23,9 @@ class BaseModelView(ResponseModel):
     description: str
     default: bool
     available: bool
+    serving: str = Field(
+        description='The engine that generates with it: "builtin" (in the api) or "vllm".'
+    )
 
 
 class BaseModelList(ResponseModel):
@@ -41,6 +45,7 @@ def models(settings: SettingsDep) -> BaseModelList:
                 description=model.description,
                 default=model.name == settings.default_base_model,
                 available=is_available(settings, model),
+                serving=model.serving.value,
             )
             for model in list_base_models(settings)
         ]

@@ -207,7 +207,8 @@ class Batcher:
         if request.seed is not None:
             generator = torch.Generator().manual_seed(request.seed)
         row = _Row(request, slot, generator, StopScanner(request.stop))
-        row.position = len(request.prompt_ids)
+        # The last prompt token's position: `_take` moves it on to the first new token's.
+        row.position = len(request.prompt_ids) - 1
         if self._take(row, output.logits[0, -1]):
             self._join(row, cache)
 

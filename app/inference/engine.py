@@ -20,17 +20,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, Self
 
 from prometheus_client import CollectorRegistry
 
 from app.base_models.loading import load_causal_lm, load_tokenizer
-from app.base_models.registry import BaseModel
-from app.errors import InvalidRequest
+from app.base_models.registry import BaseModel, Serving, get_base_model
+from app.errors import TuneserveError
 from app.inference.batching import FINISHED, Batcher, Delta, Done, Request
+from app.inference.generation import (
+    ContextLengthExceeded,
+    Generation,
+    GenerationResult,
+    StreamItem,
+    TextDelta,
+    check_prompt,
+    encode_prompt,
+)
 from app.inference.lora import read_adapter
-from app.inference.schemas import FinishReason
 from app.inference.stops import StopScanner
+from app.inference.vllm import VllmEngine
 from app.observability.metrics import InferenceMetrics
 from app.settings import Settings
 from app.storage import artifact_store
@@ -44,6 +53,7 @@ __all__ = [
     "StopScanner",
     "StreamItem",
     "TextDelta",
+    "TextStream",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,40 +62,20 @@ BASE_MODELS_KEPT = 2
 POLL_SECONDS = 0.2
 
 
-class ContextLengthExceeded(InvalidRequest):
-    code = "context_length_exceeded"
+class TextStream(Protocol):
+    """One generation's answer, whichever engine makes it: `StreamItem`s, and `close()` (from
+    any thread) to cancel it."""
 
-
-@dataclass(frozen=True)
-class Generation:
-    base_model: BaseModel
-    adapter_key: str | None  # the adapter id, or None for the base model alone
-    adapter_path: str | None  # its key in the artifact store
-    prompt: str | None
-    messages: list[dict[str, str]] | None
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str] | None
-    seed: int | None
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    """The next piece of a streamed generation's text."""
-
-    text: str
-
-
-StreamItem = TextDelta | GenerationResult
+    def __iter__(self) -> Iterator[StreamItem]: ...
+    def __next__(self) -> StreamItem: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None: ...
 
 
 @dataclass
@@ -104,6 +94,8 @@ class InferenceEngine:
         self.metrics.adapter_cache_slots_used.set_function(self.adapter_slots_used)
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._loading = threading.Lock()
+        # Base models with serving = "vllm" generate there instead (app/inference/vllm.py).
+        self.vllm = VllmEngine(settings, self.metrics)
 
     def close(self) -> None:
         """Stop every batch thread (the api is shutting down)."""
@@ -111,14 +103,27 @@ class InferenceEngine:
             loaded.batcher.stop()
         for loaded in list(self._models.values()):
             loaded.batcher.join(timeout=10)
+        self.vllm.close()
 
     def loaded_adapter_ids(self) -> frozenset[str]:
-        """The adapters in a slot of this process (any base model) right now."""
-        return frozenset(
+        """The adapters in a slot of this process (any base model), and those loaded in the
+        vLLM servers of vllm base models, right now."""
+        builtin = frozenset(
             key
             for loaded in list(self._models.values())
             for key in loaded.batcher.resident_adapters()
         )
+        return builtin | self.vllm.loaded_adapter_ids()
+
+    def adapter_deleted(self, adapter_id: str, base_model: str) -> None:
+        """An adapter is gone: unload it from its vLLM server (the built-in engine's slots let
+        it go as the least recently used)."""
+        try:
+            model = get_base_model(self.settings, base_model)
+        except TuneserveError:
+            return  # its base model left the models file
+        if model.serving is Serving.VLLM:
+            self.vllm.unload(model, adapter_id)
 
     def adapter_slots_used(self) -> int:
         models = list(self._models.values())
@@ -138,7 +143,7 @@ class InferenceEngine:
         cancelled: threading.Event | None = None,
         *,
         streamed: bool = True,
-    ) -> GenerationStream:
+    ) -> TextStream:
         """Check the request and let it join its model's batch; iterate the answer for
         `TextDelta` pieces, then one `GenerationResult`.
 
@@ -146,22 +151,14 @@ class InferenceEngine:
         without safetensors or made for another model) raise here. Setting `cancelled`, or
         closing the stream, drops the request from the batch at the next step; a cancelled
         stream ends without a `GenerationResult`. `streamed` only labels the latency metric.
+        A base model served by vLLM streams from its server instead, the same way.
         """
+        if request.base_model.serving is Serving.VLLM:
+            return self.vllm.stream(request, cancelled or threading.Event(), streamed=streamed)
         started = time.monotonic()
         loaded = self._loaded(request.base_model)
-        prompt_ids = self._encode(loaded, request)
-        if not prompt_ids:
-            raise InvalidRequest("The prompt is empty after tokenization.", code="empty_prompt")
-        if len(prompt_ids) + request.max_new_tokens > loaded.context_length:
-            raise ContextLengthExceeded(
-                f"The prompt has {len(prompt_ids)} tokens and max_new_tokens is "
-                f"{request.max_new_tokens}: together more than the model's context of "
-                f"{loaded.context_length} tokens. Shorten the prompt or lower max_new_tokens.",
-                detail={
-                    "prompt_tokens": len(prompt_ids),
-                    "context_length": loaded.context_length,
-                },
-            )
+        prompt_ids = encode_prompt(loaded.tokenizer, request)
+        check_prompt(prompt_ids, request.max_new_tokens, loaded.context_length)
         key, path = request.adapter_key, request.adapter_path
         weights = None
         if key is not None and path is not None and not loaded.batcher.holds_adapter(key):
@@ -226,17 +223,6 @@ class InferenceEngine:
         )
         logger.info("loaded base model %s (%s)", base_model.name, dtype)
         return LoadedModel(model, tokenizer, batcher, context, dtype)
-
-    def _encode(self, loaded: LoadedModel, request: Generation) -> list[int]:
-        tokenizer = loaded.tokenizer
-        if request.messages is not None:
-            text = tokenizer.apply_chat_template(
-                request.messages, add_generation_prompt=True, tokenize=False
-            )
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tokenizer(request.prompt)["input_ids"]
-        return [int(token) for token in ids]
 
 
 def inference_dtype(precision: str) -> str:

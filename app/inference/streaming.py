@@ -22,7 +22,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from app import sse
-from app.inference.engine import Generation, GenerationStream, InferenceEngine, StreamItem
+from app.inference.engine import Generation, InferenceEngine, StreamItem, TextStream
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ RenderError = Callable[[str], str]
 class ServerSentEvents:
     def __init__(
         self,
-        stream: GenerationStream,
+        stream: TextStream,
         cancelled: threading.Event,
         render: Render,
         render_error: RenderError,

@@ -43,7 +43,8 @@ SQL_SECONDS = 5.0
 
 
 class InferenceMetrics:
-    """What the inference engine of this process counts: generations and the adapter cache."""
+    """What the inference engines of this process count: generations (built-in or vLLM), the
+    adapter cache of the built-in engine, and the adapters loaded into vLLM servers."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.generate_seconds = Histogram(
@@ -86,6 +87,24 @@ class InferenceMetrics:
         self.adapter_cache_slots_used = Gauge(
             "tuneserve_adapter_cache_slots_used",
             "Adapters in a slot now, over every loaded base model.",
+            registry=registry,
+        )
+        self.vllm_adapters_loaded = Gauge(
+            "tuneserve_vllm_adapters_loaded",
+            "Adapters this api process has loaded into vLLM servers (base models with serving "
+            "vllm) and not unloaded: at most TUNESERVE_VLLM_MAX_LORAS per server, beyond while "
+            "they generate.",
+            registry=registry,
+        )
+        self.vllm_adapter_loads = Counter(
+            "tuneserve_vllm_adapter_loads",
+            "Adapters loaded into a vLLM server (POST /v1/load_lora_adapter) for a generation.",
+            registry=registry,
+        )
+        self.vllm_adapter_unloads = Counter(
+            "tuneserve_vllm_adapter_unloads",
+            "Adapters unloaded from a vLLM server: the least recently used beyond "
+            "TUNESERVE_VLLM_MAX_LORAS, and deleted ones.",
             registry=registry,
         )
         for kind in ("base", "adapter"):  # every series from the start, at 0

@@ -159,6 +159,31 @@ def test_mixed_batch_logits_match_peft(
         torch.testing.assert_close(mixed[row], expected[row], rtol=1e-4, atol=1e-4)
 
 
+def test_greedy_text_is_transformers_generate_with_peft(
+    engine: Any, settings: Any, tiny_model: str, adapters: Any
+) -> None:
+    """Token by token what PEFT's model gives with transformers' `generate`: the decode steps
+    (positions, cache, mask) are those of a plain forward pass over the whole sequence."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapters["location"])
+    key, directory = next(iter(adapters["dirs"].items()))
+    base = AutoModelForCausalLM.from_pretrained(adapters["location"])
+    peft = PeftModel.from_pretrained(base, directory).eval()
+    for prompt in PROMPTS[:2]:
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.inference_mode():
+            out = peft.generate(
+                input_ids=torch.tensor([ids]), max_new_tokens=16, do_sample=False, min_length=0
+            )
+        expected = tokenizer.decode(out[0][len(ids) :], skip_special_tokens=True)
+        ours = engine.generate(
+            generation(settings, tiny_model, key, prompt=prompt, max_new_tokens=16)
+        )
+        assert ours.text == expected
+
+
 def test_a_new_request_joins_a_running_batch(
     engine: Any, settings: Any, tiny_model: str, adapters: Any
 ) -> None:
