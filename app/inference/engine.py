@@ -29,6 +29,7 @@ from app.base_models.registry import BaseModel, Serving, get_base_model
 from app.errors import TuneserveError
 from app.inference.batching import FINISHED, Batcher, Delta, Done, Request
 from app.inference.generation import (
+    ClosingStream,
     ContextLengthExceeded,
     Generation,
     GenerationResult,
@@ -234,7 +235,7 @@ def inference_dtype(precision: str) -> str:
     return "bfloat16" if detect_device().bf16 else "float32"
 
 
-class GenerationStream(Iterator[StreamItem]):
+class GenerationStream(ClosingStream):
     """One request's answer: `TextDelta` pieces as they are decoded, then a `GenerationResult`.
 
     `close()` (also on leaving a `with` block, or when the stream is collected unclosed) cancels
@@ -283,17 +284,6 @@ class GenerationStream(Iterator[StreamItem]):
     def close(self) -> None:
         self._request.cancelled.set()
         self._done = True
-
-    def __enter__(self) -> GenerationStream:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if hasattr(self, "_request"):  # a stream nobody closed must not keep decoding

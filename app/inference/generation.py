@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from app.base_models.registry import BaseModel
 from app.errors import InvalidRequest
@@ -45,6 +47,25 @@ class TextDelta:
 
 
 StreamItem = TextDelta | GenerationResult
+
+
+class ClosingStream(Iterator[StreamItem]):
+    """A generation's stream of `StreamItem`s that `close()`s (cancels its request) on leaving a
+    `with` block; each engine says what closing does."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def encode_prompt(tokenizer: Any, request: Generation) -> list[int]:

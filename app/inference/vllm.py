@@ -21,9 +21,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -32,6 +31,7 @@ from app.base_models.loading import load_tokenizer
 from app.base_models.registry import BaseModel, Serving, list_base_models
 from app.errors import InvalidRequest, NotFound, TuneserveError
 from app.inference.generation import (
+    ClosingStream,
     Generation,
     GenerationResult,
     StreamItem,
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["VllmEngine", "VllmFailed", "VllmStream", "VllmUnavailable"]
 
 
-class VllmStream(Iterator[StreamItem]):
+class VllmStream(ClosingStream):
     """One completion's pieces as the engine's stream items: `TextDelta`s, then one
     `GenerationResult`. `close()` (from any thread, or leaving a `with` block) drops the
     connection, and vLLM aborts the request; a closed stream ends without a result."""
@@ -140,17 +140,6 @@ class VllmStream(Iterator[StreamItem]):
             self._response.close()
         finally:
             self._on_close()
-
-    def __enter__(self) -> VllmStream:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if hasattr(self, "_closing"):  # a stream nobody closed must not keep vLLM decoding
