@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -53,8 +54,9 @@ class ClosingStream(Iterator[StreamItem]):
     """A generation's stream of `StreamItem`s that `close()`s (cancels its request) on leaving a
     `with` block; each engine says what closing does."""
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Cancel the request: its engine stops decoding it."""
 
     def __enter__(self) -> Self:
         return self
