@@ -271,6 +271,16 @@ def train(context: JobContext, validated: Validated) -> Trained:
     context.check_stop()
     if result.stopped_early:
         raise JobStopped("cancelled")
+    if result.kept_ranks:
+        ranks = list(result.kept_ranks.values())
+        event(
+            job.id,
+            "job.adalora",
+            f"AdaLoRA kept an average rank of {sum(ranks) / len(ranks):.1f} of {spec.lora.r} "
+            f"({min(ranks)} to {max(ranks)}) over {len(ranks)} modules; the adapter is the "
+            f"rank-{max(max(ranks), 1)} LoRA it equals.",
+            kept_ranks=result.kept_ranks,
+        )
     return Trained(result, writer.progress, resumed=resume_from is not None)
 
 
@@ -396,6 +406,7 @@ def publish(
                 "eval_loss": result.eval_loss,
                 "trained_tokens": result.trained_tokens,
                 "training_seconds": round(result.seconds, 1),
+                **({"adalora_kept_ranks": result.kept_ranks} if result.kept_ranks else {}),
             },
             evaluation=evaluation,
         ),
@@ -416,7 +427,8 @@ def publish(
         path=key,
         sha256=digest,
         size_bytes=size,
-        rank=int(job.lora["r"]),
+        # AdaLoRA's adapter is a LoRA of the largest rank a module kept.
+        rank=max(max(result.kept_ranks.values()), 1) if result.kept_ranks else int(job.lora["r"]),
     )
 
 

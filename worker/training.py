@@ -14,9 +14,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from app.adapters import adalora
 from app.jobs.schemas import (
     DpoSettings,
     LoraSpec,
+    LoraType,
     Method,
     MethodType,
     TrainingHyperparameters,
@@ -109,6 +111,8 @@ class TrainingResult:
     eval_loss: float | None
     trained_tokens: int
     seconds: float
+    # AdaLoRA: the rank each module kept (the adapter is saved as the uniform LoRA it equals).
+    kept_ranks: dict[str, int] | None = None
 
 
 def _make_callback(spec: TrainingSpec, hooks: TrainingHooks) -> Any:
@@ -230,6 +234,98 @@ def quantization_config(quantization: str | None, bf16: bool) -> Any:
     )
 
 
+def adalora_schedule(total_steps: int) -> dict[str, Any]:
+    """AdaLoRA's phases over a run (PEFT's tinit, tfinal, deltaT): the first 10% of the steps
+    train at the initial rank, the budget then shrinks at most 10 times, and the last 20% train
+    at the final ranks. A run too short for that prunes at every step."""
+    tinit, tfinal = total_steps // 10, total_steps // 5
+    budgeting = total_steps - tinit - tfinal
+    if budgeting < 1:
+        tinit, tfinal, budgeting = 0, 0, total_steps
+    return {"tinit": tinit, "tfinal": tfinal, "deltaT": max(budgeting // 10, 1)}
+
+
+def _lora_config(spec: TrainingSpec, total_steps: int, scorer: bool) -> Any:
+    """PEFT's config of the adapter a fresh run trains: LoRA (rsLoRA, DoRA) or AdaLoRA."""
+    from peft import AdaLoraConfig, LoraConfig
+
+    common: dict[str, Any] = {
+        "lora_alpha": spec.lora.alpha,
+        "lora_dropout": spec.lora.dropout,
+        "target_modules": spec.lora.target_modules,
+        "bias": "none",
+        "task_type": "SEQ_CLS" if scorer else "CAUSAL_LM",
+        # A reward model's new head is trained whole and saved with the adapter.
+        "modules_to_save": ["score"] if scorer else None,
+    }
+    if spec.lora.type is LoraType.ADALORA:
+        return AdaLoraConfig(
+            init_r=spec.lora.r,
+            target_r=spec.lora.kept_rank,
+            total_step=total_steps,
+            **adalora_schedule(total_steps),
+            **common,
+        )
+    return LoraConfig(
+        r=spec.lora.r, use_rslora=spec.lora.use_rslora, use_dora=spec.lora.use_dora, **common
+    )
+
+
+def _total_steps(spec: TrainingSpec, rows: int) -> int:
+    """The optimizer steps the Trainer will take over rows, on every rank of the run."""
+    import torch.distributed as dist
+
+    from app.jobs.steps import total_steps
+
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return total_steps(rows, spec.hyperparameters.model_dump(), world_size)
+
+
+RANK_PATTERN_FILE = "adalora_rank_pattern.json"
+
+
+def _adalora_budget(resume_from: str | None) -> Any:
+    from transformers import TrainerCallback
+
+    class AdaLoraBudget(TrainerCallback):
+        """AdaLoRA's rank allocation after every optimizer step (before gradients are zeroed:
+        it scores singular values by their gradients).
+
+        PEFT saves an AdaLoRA adapter cut to its kept ranks whenever its config holds a rank
+        pattern, and such a checkpoint no longer loads into the full-rank model a resumed run
+        builds. So the pattern lives here, not in the config, while training runs: checkpoints
+        keep every rank (the pruned singular values are zeros), the pattern goes beside them in
+        a file a resumed run reads back, and the config gets it back for the final save."""
+
+        def __init__(self) -> None:
+            self.pattern: dict[str, list[bool]] | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
+            saved = Path(resume_from or "") / RANK_PATTERN_FILE
+            if resume_from is not None and saved.is_file():
+                self.pattern = json.loads(saved.read_text())
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: ARG002
+            config = self._config(kwargs["model"])
+            config.rank_pattern = self.pattern
+            kwargs["model"].base_model.update_and_allocate(state.global_step)
+            self.pattern, config.rank_pattern = config.rank_pattern, None
+
+        def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
+            if self.pattern is not None and state.is_world_process_zero:
+                directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                (directory / RANK_PATTERN_FILE).write_text(json.dumps(self.pattern))
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: ARG002
+            self._config(kwargs["model"]).rank_pattern = self.pattern
+
+        @staticmethod
+        def _config(model: Any) -> Any:
+            return model.peft_config[model.active_adapter]
+
+    return AdaLoraBudget()
+
+
 def train_lora(
     spec: TrainingSpec,
     train_records: list[dict[str, Any]],
@@ -243,7 +339,7 @@ def train_lora(
     output_dir/adapter."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+    from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
@@ -338,23 +434,16 @@ def train_lora(
         "dataset_num_proc": None,
     }
     lora_config = None
+    callbacks = [_make_callback(spec, hooks), *(extra_callbacks or [])]
     if spec.start_from is not None:
         # The parent's weights and config, trainable: the run goes on from where it ended (DPO's
         # reference is then a frozen copy of the parent, not the base model).
         model = PeftModel.from_pretrained(model, spec.start_from, is_trainable=True)
     else:
-        lora_config = LoraConfig(
-            r=spec.lora.r,
-            lora_alpha=spec.lora.alpha,
-            lora_dropout=spec.lora.dropout,
-            target_modules=spec.lora.target_modules,
-            use_rslora=spec.lora.use_rslora,
-            use_dora=spec.lora.use_dora,
-            bias="none",
-            task_type="SEQ_CLS" if scorer else "CAUSAL_LM",
-            # The new head is trained whole and saved with the adapter.
-            modules_to_save=["score"] if scorer else None,
-        )
+        lora_config = _lora_config(spec, _total_steps(spec, len(train_records)), scorer)
+        if spec.lora.type is LoraType.ADALORA:
+            # First: its pattern file is in a checkpoint before the checkpoint is reported.
+            callbacks.insert(0, _adalora_budget(spec.resume_from))
     # TRL's trainer for the method, and its config: the common arguments plus the method's own.
     trainer_class: Any
     args: Any
@@ -407,7 +496,7 @@ def train_lora(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=lora_config,
-        callbacks=[_make_callback(spec, hooks), *(extra_callbacks or [])],
+        callbacks=callbacks,
         **extra,
     )
     output = trainer.train(resume_from_checkpoint=spec.resume_from)
@@ -416,6 +505,7 @@ def train_lora(
 
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     eval_loss = float(eval_losses[-1]) if eval_losses else None
+    kept_ranks = None
     if not stopped_early and trainer.is_world_process_zero():
         adapter_dir = output_dir / "adapter"
         # Only the trained adapter (DPO from a parent also holds its frozen "ref" copy).
@@ -423,6 +513,8 @@ def train_lora(
             str(adapter_dir), safe_serialization=True, selected_adapters=["default"]
         )
         tokenizer.save_pretrained(str(adapter_dir))
+        if spec.lora.type is LoraType.ADALORA and spec.start_from is None:
+            kept_ranks = adalora.to_lora(adapter_dir)
     return TrainingResult(
         steps=state.global_step,
         total_steps=state.max_steps,
@@ -431,4 +523,5 @@ def train_lora(
         eval_loss=eval_loss,
         trained_tokens=int(getattr(state, "num_input_tokens_seen", 0) or 0),
         seconds=time.monotonic() - started,
+        kept_ranks=kept_ranks,
     )

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from app.adapters import adalora
 from app.adapters.fetch import fetch_archive
 from app.adapters.models import Adapter
 from app.adapters.unpacking import refusal, unpack_adapter
@@ -78,6 +79,8 @@ def _import(
     directory.mkdir()
     unpacked = unpack_adapter(work / "archive", directory, max_bytes=settings.max_dataset_bytes)
     (work / "archive").unlink()
+    if adalora.is_adalora(directory):
+        adalora.to_lora(directory)  # then checked, stored and served as the LoRA it equals
     facts = read_config(directory)
     check_weights(directory, facts, linear_shapes(settings, get_base_model(settings, base_model)))
 

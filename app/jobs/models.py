@@ -72,6 +72,7 @@ class Job(Base):
     # The frozen base model's weights in training (QLoRA): "4bit" (NF4), "8bit", or None (as
     # loaded). The adapter is a plain LoRA either way and serves on the unquantized base.
     quantization: Mapped[str | None] = mapped_column(String(8))
+    distributed: Mapped[str | None] = mapped_column(String(8))
 
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     dataset: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -124,8 +124,19 @@ class TrainingHyperparameters(Hyperparameters):
     batch_size: StrictInt = Field(ge=1, le=1024, description="Examples per device step.")
 
 
+class LoraType(enum.StrEnum):
+    LORA = "lora"
+    ADALORA = "adalora"  # PEFT's AdaLoRA: ranks pruned per module to a budget while training
+
+
 class LoraSpec(RequestModel):
-    r: StrictInt = Field(16, ge=1, le=256, description="LoRA rank.")
+    type: LoraType = Field(
+        LoraType.LORA,
+        description='"lora", or "adalora": AdaLoRA starts every module at rank r and, while '
+        "training, prunes the least important singular values until the modules keep "
+        "target_r on average; the adapter is published as the plain LoRA it equals.",
+    )
+    r: StrictInt = Field(16, ge=1, le=256, description="LoRA rank (AdaLoRA: the initial rank).")
     alpha: StrictInt = Field(32, ge=1, le=1024, description="LoRA scaling numerator (alpha / r).")
     dropout: float = Field(0.05, ge=0, le=0.9, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
@@ -141,6 +152,33 @@ class LoraSpec(RequestModel):
         description="Weight-decomposed LoRA (DoRA): a trained magnitude per output feature on "
         "top of the LoRA direction update. Not with quantization 8bit.",
     )
+    target_r: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="AdaLoRA: the average rank the modules keep (at most r; default r / 2). "
+        "Only with type adalora.",
+    )
+
+    @model_validator(mode="after")
+    def _adalora_settings(self) -> LoraSpec:
+        if self.type is LoraType.ADALORA:
+            for flag in ("use_dora", "use_rslora"):
+                if getattr(self, flag):
+                    raise ValueError(f"{flag} does not go with type adalora (PEFT's AdaLoRA)")
+            if self.target_r is not None and self.target_r > self.r:
+                raise ValueError(
+                    f"target_r ({self.target_r}) is the average rank AdaLoRA keeps: at most r "
+                    f"({self.r})"
+                )
+        elif self.target_r is not None:
+            raise ValueError('target_r goes with type "adalora"')
+        return self
+
+    @property
+    def kept_rank(self) -> int:
+        """AdaLoRA's average kept rank (target_r, default r / 2)."""
+        return self.target_r or max(self.r // 2, 1)
 
     @field_validator("target_modules")
     @classmethod
@@ -159,6 +197,13 @@ class Quantization(enum.StrEnum):
 
     NF4 = "4bit"  # QLoRA: NF4 with double quantization
     INT8 = "8bit"
+
+
+class Distributed(enum.StrEnum):
+    """How a job trains on the devices of a node (torchrun, one rank per device)."""
+
+    DDP = "ddp"  # data-parallel: every rank holds the whole model
+    FSDP = "fsdp"  # fully sharded: every rank holds a share of the weights
 
 
 class MethodType(enum.StrEnum):
@@ -324,6 +369,13 @@ class CreateJobRequest(RequestModel):
         "null: as loaded (fp32). The adapter is a plain LoRA and serves on the unquantized "
         "base model.",
     )
+    distributed: Distributed | None = Field(
+        None,
+        description='How the job spreads over the devices of a node: "ddp" (every device holds '
+        'the whole model), "fsdp" (each device holds a share of the base model\'s weights: '
+        "for base models that do not fit one device); null: the plan picks fsdp when the job "
+        "fits only sharded, else ddp.",
+    )
     metadata: dict[str, str] | None = Field(None, description="Up to 16 short key/value pairs.")
     accelerator: AcceleratorClass | None = Field(
         None,
@@ -481,6 +533,9 @@ class JobView(ResponseModel):
     quantization: Quantization | None = Field(
         None, description='The base model\'s weights in training: "4bit", "8bit" or null.'
     )
+    distributed: Distributed | None = Field(
+        None, description='"ddp", "fsdp", or null (the plan picks).'
+    )
     method: dict[str, Any] = Field(
         description="How the adapter learns: supervised, or dpo with its beta."
     )
@@ -630,8 +685,17 @@ class PlanTime(ResponseModel):
 
 
 class MemoryParts(ResponseModel):
-    weights: int
-    lora_and_optimizer: int
+    weights: int = Field(
+        description="The frozen base model's weights on one device (its share under FSDP)."
+    )
+    gathered_layers: int = Field(
+        0,
+        description="FSDP only: the decoder layers a device holds whole while it computes (the "
+        "current one and the prefetched next one).",
+    )
+    lora_and_optimizer: int = Field(
+        description="LoRA weights, gradients and Adam's two moments (a device's share under FSDP)."
+    )
     activations: int
     logits: int
     runtime: int
@@ -663,6 +727,22 @@ class PlanMemory(ResponseModel):
     )
     quantization: Quantization | None = Field(
         None, description="The base model's weights the estimate assumes (the job's)."
+    )
+    distributed: Distributed | None = Field(
+        None,
+        description='"fsdp": each device holds a share of the base model (the job asked for it, '
+        'or fits only so: the plan then sets it); "ddp": every device holds the whole model; '
+        "null: the job trains on one device.",
+    )
+    shards: int = Field(
+        1,
+        description="Devices the base model (and the LoRA weights, gradients and optimizer "
+        "state) are sharded over: the estimate is of one of them. 1 unless distributed is fsdp.",
+    )
+    distributed_note: str | None = Field(
+        None,
+        description="Why the job is sharded, and how its devices were counted where that was "
+        "assumed.",
     )
     suggestion: PlanSuggestion | None = None
 

@@ -176,6 +176,7 @@ def create_job(
         auto_hyperparameters=auto_fields(hyperparameters),
         lora=request.lora.model_dump(mode="json"),
         quantization=request.quantization.value if request.quantization else None,
+        distributed=request.distributed.value if request.distributed else None,
         parent=parent,
         method=request.method.model_dump(mode="json", exclude_none=True),
         metadata_=request.metadata,
@@ -221,6 +222,7 @@ def request_of(job: Job) -> CreateJobRequest:
             "hyperparameters": hyperparameters,
             "lora": job.lora,
             "quantization": job.quantization,
+            "distributed": job.distributed,
             "method": job.method or {"type": "supervised"},
             "accelerator": accelerator,
         }
@@ -283,6 +285,7 @@ def to_view(
         auto_hyperparameters=job.auto_hyperparameters or [],
         lora=job.lora,
         quantization=job.quantization,
+        distributed=job.distributed,
         method=job.method or {"type": "supervised"},
         parent=(
             {key: job.parent[key] for key in ("reference", "kind", "id")} if job.parent else None

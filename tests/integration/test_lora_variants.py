@@ -1,5 +1,6 @@
-"""LoRA variants and the memory levers, trained for real: rsLoRA, DoRA and 4-bit QLoRA jobs learn
-and their adapters are served with the greedy text PEFT computes; DoRA and rsLoRA rows share a
+"""LoRA variants and the memory levers, trained for real: rsLoRA, DoRA, AdaLoRA and 4-bit QLoRA
+jobs learn and their adapters are served with the greedy text PEFT computes; AdaLoRA prunes ranks,
+resumes from its checkpoints and imports as the LoRA it equals; DoRA and rsLoRA rows share a
 batch with plain LoRA rows exactly; DoRA adapters import; 8-bit DoRA is refused; a job that fits
 its device only with activation checkpointing is planned, accepted and trained with it; and the
 real default model learns on a 4-bit base."""
@@ -24,6 +25,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rslora": {"lora": {"r": 8, "alpha": 8, "use_rslora": True}},
     "dora": {"lora": {"r": 8, "alpha": 16, "use_dora": True}},
     "qlora_4bit": {"quantization": "4bit"},
+    # AdaLoRA's singular values start at zero and are pruned as it goes: it wants a bolder rate.
+    "adalora": {
+        "lora": {"type": "adalora", "r": 8, "target_r": 4},
+        "hyperparameters": {"learning_rate": 5e-2},
+    },
 }
 TRAIN = {"n_epochs": 4, "batch_size": 4, "learning_rate": 1e-2, "max_seq_length": 64}
 
@@ -75,7 +81,9 @@ def variant_jobs(service: Service, tiny_model: str) -> dict[str, dict[str, Any]]
     file_id = service.upload("variant-sums.jsonl", jsonl(arithmetic_rows(16)))
     created = {
         name: service.create_job(
-            base_model=tiny_model, dataset_url=file_id, hyperparameters=TRAIN, **body
+            base_model=tiny_model,
+            dataset_url=file_id,
+            **{**body, "hyperparameters": {**TRAIN, **body.get("hyperparameters", {})}},
         )
         for name, body in VARIANTS.items()
     }
@@ -110,9 +118,125 @@ def test_each_variant_learns_and_serves_peft_greedy_text(
     manifest = json.loads(service.adapter_files(job["adapter"]["id"])["tuneserve_manifest.json"])
     assert manifest["device"]["quantization"] == quantization
 
+    assert lora["type"] == ("adalora" if variant == "adalora" else "lora")
+    assert config["peft_type"] == "LORA"  # AdaLoRA too: published as the LoRA it equals
+
     engine = served(service, job["id"], QUESTION, 8)
     assert engine == peft_greedy(MODEL_CACHE / tiny_model, local, QUESTION, 8)
     assert engine != served(service, None, QUESTION, 8)  # type: ignore[arg-type]
+
+
+def test_adalora_prunes_to_its_budget_and_says_what_it_kept(
+    service: Service, variant_jobs: dict[str, dict[str, Any]]
+) -> None:
+    job = variant_jobs["adalora"]
+    said = {event["type"]: event for event in service.events(job["id"])}["job.adalora"]
+    kept = said["data"]["kept_ranks"]
+    # Every linear layer of the 2 tiny layers, ranks between 0 and r=8, averaging target_r=4
+    # (PEFT's budget is the total over modules), not all the same: the budget was allocated.
+    assert len(kept) == 14 and all(0 <= rank <= 8 for rank in kept.values())
+    assert sum(kept.values()) == 4 * 14 and len(set(kept.values())) > 1
+    manifest = json.loads(service.adapter_files(job["adapter"]["id"])["tuneserve_manifest.json"])
+    assert manifest["metrics"]["adalora_kept_ranks"] == kept
+    adapter = service.client.get(f"/adapters/{job['adapter']['id']}").json()
+    assert adapter["rank"] == max(kept.values())
+
+
+def test_adalora_resumes_from_checkpoints_before_and_after_its_final_allocation(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """A resumed AdaLoRA run loads its full-rank checkpoint and its rank pattern, and ends where
+    the uninterrupted run ends."""
+    import shutil
+
+    from app.jobs.schemas import Hyperparameters, LoraSpec, TrainingHyperparameters
+    from worker.training import RANK_PATTERN_FILE, TrainingSpec, train_lora
+
+    hp = TrainingHyperparameters.model_validate(
+        {**Hyperparameters().model_dump(mode="json"), **TRAIN, "seed": 3}
+    )
+    spec = TrainingSpec(
+        str(MODEL_CACHE / tiny_model),
+        hp,
+        LoraSpec(type="adalora", r=8, target_r=4),
+        checkpoint_every_steps=5,
+    )
+    rows, held_out = arithmetic_rows(20)[:16], arithmetic_rows(20)[16:]
+    whole = train_lora(spec, rows, held_out, tmp_path / "whole")
+    assert whole.steps == 16 and whole.kept_ranks is not None
+    # 16 steps: pruning from step 1, the final allocation at step 13 (the last 20% keep it).
+    for step in (10, 15):
+        checkpoint = tmp_path / "whole" / "trainer" / f"checkpoint-{step}"
+        assert (checkpoint / RANK_PATTERN_FILE).is_file()
+        copy = shutil.copytree(checkpoint, tmp_path / f"from-{step}")
+        resumed = train_lora(
+            TrainingSpec(**{**spec.__dict__, "resume_from": str(copy)}),
+            rows,
+            held_out,
+            tmp_path / f"resumed-{step}",
+        )
+        assert resumed.steps == 16
+        assert resumed.kept_ranks is not None
+        assert sum(resumed.kept_ranks.values()) == sum(whole.kept_ranks.values())
+        assert resumed.eval_loss == pytest.approx(whole.eval_loss, rel=1e-2)
+
+
+def test_an_adalora_adapter_imports_as_the_lora_it_equals(
+    service: Service, tiny_model: str, tmp_path: Path
+) -> None:
+    """PEFT's own AdaLoRA save (ranks cut by its rank pattern) imports, and the engine serves
+    it with the greedy text PEFT computes from the AdaLoRA files."""
+    import io
+    import tarfile
+
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    location = MODEL_CACHE / tiny_model
+    config = AdaLoraConfig(
+        init_r=6, target_r=3, total_step=10, lora_alpha=12, target_modules=["q_proj", "up_proj"]
+    )
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(location), config)
+    generator = torch.Generator().manual_seed(5)
+    pattern = {}
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.5
+        if "lora_E" in name:  # keep 2 to 6 of the 6 singular values, as a pruned run would
+            keep = 2 + len(pattern) % 5
+            parameter.data[keep:] = 0
+            pattern[name.removesuffix(".lora_E.default").removeprefix("base_model.model.")] = [
+                index < keep for index in range(6)
+            ]
+    model.peft_config["default"].rank_pattern = {
+        f"{module}.lora_E": mask for module, mask in pattern.items()
+    }
+    original = tmp_path / "adalora"
+    model.save_pretrained(original)
+    assert json.loads((original / "adapter_config.json").read_text())["peft_type"] == "ADALORA"
+
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            tar.add(original / name, arcname=name)
+    answer = service.client.post(
+        "/adapters",
+        files={"file": ("adalora.tar.gz", archive.getvalue())},
+        data={"base_model": tiny_model, "name": "adalora-import"},
+        timeout=120,
+    )
+    assert answer.status_code == 201, answer.text
+    imported = answer.json()
+    assert imported["rank"] == max(sum(mask) for mask in pattern.values()) == 5
+    engine = served(service, imported["id"], QUESTION, 8)
+    assert engine == peft_greedy(location, original, QUESTION, 8)
+    assert engine != served(service, None, QUESTION, 8)  # type: ignore[arg-type]
+
+    refused = service.client.post(
+        "/jobs",
+        json={"dataset_url": "file-x", "lora": {"type": "adalora", "use_dora": True}},
+    )
+    assert refused.status_code == 422 and "use_dora" in refused.text
 
 
 def test_a_dora_adapter_imports_and_generates_the_same(
