@@ -1,4 +1,5 @@
-"""Data-parallel training on every GPU of a node (or N CPU processes), launched by torchrun.
+"""Data-parallel (DDP) or fully sharded (FSDP) training on every GPU of a node (or N CPU
+processes), launched by torchrun.
 
 `run_distributed` has train_lora's contract (same result, the adapter saved once into
 output_dir/adapter, the caller's hooks called in the calling process), but trains with
@@ -8,8 +9,11 @@ output_dir/adapter, the caller's hooks called in the calling process), but train
 
 The parent writes the spec and the records as JSON into RUN_DIR (output_dir/distributed); each
 rank runs `main()` -> `train_lora` on them. The Trainer (through accelerate) shards the data and
-all-reduces the gradients: NCCL on GPUs, gloo on CPUs. Between the parent and the ranks there are
-only files in RUN_DIR:
+all-reduces the gradients: NCCL on GPUs, gloo on CPUs. With `spec.distributed == "fsdp"` it also
+shards the model (FSDP2: each rank holds its share of every weight and of the optimizer state,
+gathering one decoder layer at a time), saves sharded checkpoints (one file per rank) and resumes
+from them; the adapter is gathered whole once, for rank 0 to save. Between the parent and the
+ranks there are only files in RUN_DIR:
 
 - progress.jsonl: rank 0 appends one ProgressUpdate per trainer log; the parent tails it and
   forwards each one to hooks.on_progress while the launcher runs.
@@ -251,6 +255,7 @@ def _rank_callback(run_dir: Path) -> Any:
             self.stop_seen = False
             self.lora_checksum: float | None = None
             self.lora_b_abs_sum: float | None = None
+            self.sharded = False
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:  # noqa: ARG002
             model = kwargs.get("model")
@@ -282,9 +287,15 @@ def _rank_callback(run_dir: Path) -> Any:
                 return
             total = 0.0
             lora_b = 0.0
+            # FSDP holds each parameter as a DTensor: this rank's share of it.
+            self.sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
             for name, parameter in model.named_parameters():
                 if "lora_" in name:
-                    value = float(parameter.detach().double().abs().sum())
+                    # An FSDP shard is gathered whole (every rank takes part, in the same order).
+                    whole = (
+                        parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+                    )
+                    value = float(whole.detach().double().abs().sum())
                     total += value
                     if "lora_B" in name:
                         lora_b += value
@@ -353,6 +364,7 @@ def _train_rank(run_dir: Path) -> None:
                 "tokens": callback.tokens,
                 "lora_checksum": callback.lora_checksum,
                 "lora_b_abs_sum": callback.lora_b_abs_sum,
+                "sharded": callback.sharded,
             }
         )
     )

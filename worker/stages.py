@@ -92,6 +92,7 @@ class Validated:
     base_model: BaseModel
     location: str
     prepared: PreparedDatasets
+    distributed: str | None = None  # "fsdp" when the ranks shard the model, else None (DDP)
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,19 @@ def validate(context: JobContext) -> Validated:
     context.check_stop()
 
     processes = settings.training_processes or node_processes()
+    distributed = job.distributed if job.distributed == "fsdp" else None
+    if distributed == "fsdp" and processes < 2:
+        if device.kind == "cpu":
+            processes = 2  # CPU ranks shard the RAM they share: two make the point
+        else:
+            distributed = None
+            event(
+                job.id,
+                "job.distributed",
+                f"FSDP shards the model over several devices; this worker trains on "
+                f"{processes} (TUNESERVE_TRAINING_PROCESSES): training unsharded on one.",
+                level="warning",
+            )
     prepared = prepare_datasets(job, settings, location, context.workdir, processes, device=device)
     facts = prepared.facts
     hyperparameters = prepared.hyperparameters.model_dump(mode="json")
@@ -179,7 +193,7 @@ def validate(context: JobContext) -> Validated:
                 data={"activation_checkpointing": True},
             )
     context.check_stop()
-    return Validated(device, bf16, processes, base_model, location, prepared)
+    return Validated(device, bf16, processes, base_model, location, prepared, distributed)
 
 
 def train(context: JobContext, validated: Validated) -> Trained:
@@ -238,6 +252,7 @@ def train(context: JobContext, validated: Validated) -> Trained:
         bf16=validated.bf16,
         gradient_checkpointing=prepared.activation_checkpointing,
         quantization=job.quantization,
+        distributed=validated.distributed,
         checkpoint_every_steps=hp.checkpoint_every_steps or settings.checkpoint_every_steps,
         checkpoint_every_minutes=hp.checkpoint_every_minutes or settings.checkpoint_every_minutes,
         checkpoints_kept=kept,
@@ -263,7 +278,14 @@ def train(context: JobContext, validated: Validated) -> Trained:
     train_rows, eval_rows = prepared.train_records, prepared.eval_records
     if validated.processes > 1:
         processes = validated.processes
-        event(job.id, "job.distributed", f"Data-parallel training on {processes} processes.")
+        how = "Fully sharded (FSDP)" if validated.distributed == "fsdp" else "Data-parallel"
+        event(
+            job.id,
+            "job.distributed",
+            f"{how} training on {processes} processes.",
+            distributed=validated.distributed or "ddp",
+            processes=processes,
+        )
         result = run_distributed(spec, train_rows, eval_rows, context.workdir, hooks, processes)
     else:
         result = train_lora(spec, train_rows, eval_rows, context.workdir, hooks)
@@ -397,6 +419,7 @@ def publish(
                 **validated.device.facts(),
                 "bf16_autocast": validated.bf16,
                 "processes": validated.processes,
+                "distributed": validated.distributed,
                 "quantization": job.quantization,
                 "activation_checkpointing": validated.prepared.activation_checkpointing,
             },

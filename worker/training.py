@@ -40,6 +40,8 @@ class TrainingSpec:
     bf16: bool = False
     gradient_checkpointing: bool = False
     quantization: str | None = None  # "4bit" (QLoRA's NF4) or "8bit": the frozen base's weights
+    # "fsdp": the ranks of a distributed run each hold a share of the model (FSDP2); else DDP.
+    distributed: str | None = None
     checkpoint_every_steps: int = 50
     checkpoint_every_minutes: float = 10.0
     checkpoints_kept: int = 3
@@ -271,6 +273,61 @@ def _lora_config(spec: TrainingSpec, total_steps: int, scorer: bool) -> Any:
     )
 
 
+def _fsdp_arguments(model: Any, spec: TrainingSpec) -> dict[str, Any]:
+    """The Trainer's FSDP2 settings: every decoder layer its own shard unit, checkpoints saved
+    sharded (each rank writes its share), activation checkpointing done by FSDP when on."""
+    layers = sorted(set(getattr(model, "_no_split_modules", None) or []))
+    if not layers:
+        raise ValueError(
+            f"FSDP needs the model's decoder layer class to shard by; {type(model).__name__} "
+            'names none (_no_split_modules). Use "distributed": "ddp".'
+        )
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": layers,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "reshard_after_forward": True,
+            "activation_checkpointing": spec.gradient_checkpointing,
+        },
+        # FSDP recomputes activations itself; the Trainer's own way would do it twice.
+        "gradient_checkpointing": False,
+    }
+
+
+def _sharded_on_cpu(trainer_class: Any) -> Any:
+    """trainer_class sharding with FSDP2 on CPU ranks (gloo) too. accelerate turns FSDP on only
+    for accelerator devices and makes CPU ranks DDP; PyTorch's FSDP2 itself runs on gloo. So on
+    CPUs (tests, CPU-only nodes) the Trainer's accelerator is switched to FSDP right after it is
+    made, before it prepares the model, with the plugin the Trainer's arguments describe."""
+
+    class CpuShardedTrainer(trainer_class):  # type: ignore[misc]
+        def create_accelerator_and_postprocess(self) -> None:
+            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+            super().create_accelerator_and_postprocess()
+            state = self.accelerator.state
+            if state.distributed_type is DistributedType.MULTI_CPU:
+                state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+                state.distributed_type = DistributedType.FSDP
+                self.is_fsdp_enabled = True
+
+    CpuShardedTrainer.__name__ = f"CpuSharded{trainer_class.__name__}"
+    return CpuShardedTrainer
+
+
+def _whole_adapter(model: Any) -> dict[str, Any]:
+    """The adapter's weights of an FSDP-sharded model, each gathered whole (every rank takes
+    part, in the same order); the frozen base stays sharded."""
+    whole = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name or "modules_to_save" in name:
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            whole[name] = full.detach().cpu().clone()
+    return whole
+
+
 def _total_steps(spec: TrainingSpec, rows: int) -> int:
     """The optimizer steps the Trainer will take over rows, on every rank of the run."""
     import torch.distributed as dist
@@ -432,6 +489,7 @@ def train_lora(
         "dataloader_num_workers": 0,
         "ddp_find_unused_parameters": False,
         "dataset_num_proc": None,
+        **(_fsdp_arguments(model, spec) if spec.distributed == "fsdp" else {}),
     }
     lora_config = None
     callbacks = [_make_callback(spec, hooks), *(extra_callbacks or [])]
@@ -489,6 +547,8 @@ def train_lora(
             train_sampling_strategy="group_by_length",
             packing=False,
         )
+    if spec.distributed == "fsdp" and not torch.cuda.is_available():
+        trainer_class = _sharded_on_cpu(trainer_class)
     trainer = trainer_class(
         model=model,
         args=args,
@@ -506,11 +566,15 @@ def train_lora(
     eval_losses = [entry["eval_loss"] for entry in state.log_history if "eval_loss" in entry]
     eval_loss = float(eval_losses[-1]) if eval_losses else None
     kept_ranks = None
+    gathered = _whole_adapter(trainer.model) if trainer.is_fsdp_enabled else None
     if not stopped_early and trainer.is_world_process_zero():
         adapter_dir = output_dir / "adapter"
         # Only the trained adapter (DPO from a parent also holds its frozen "ref" copy).
         trainer.model.save_pretrained(
-            str(adapter_dir), safe_serialization=True, selected_adapters=["default"]
+            str(adapter_dir),
+            safe_serialization=True,
+            selected_adapters=["default"],
+            **({"state_dict": gathered} if gathered is not None else {}),
         )
         tokenizer.save_pretrained(str(adapter_dir))
         if spec.lora.type is LoraType.ADALORA and spec.start_from is None:

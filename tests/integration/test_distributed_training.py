@@ -1,13 +1,16 @@
-"""Data-parallel training through torchrun: 2 CPU ranks on gloo, with the tiny model."""
+"""Data-parallel (DDP) and fully sharded (FSDP) training through torchrun: 2 CPU ranks on gloo,
+with the tiny model."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from app.jobs.schemas import LoraSpec, TrainingHyperparameters
@@ -151,3 +154,48 @@ def test_a_failing_launch_raises_with_the_ranks_output(tmp_path: Path) -> None:
     first_line = str(failure.value).splitlines()[0]
     assert "OSError" in first_line and "no-such-model" in first_line
     assert not (tmp_path / RUN_DIR_NAME / "train.json").exists()
+
+
+def _lora_weights(directory: Path) -> dict[str, Any]:
+    return load_file(directory / "adapter" / "adapter_model.safetensors")
+
+
+def test_two_gloo_ranks_shard_with_fsdp_save_one_adapter_and_resume(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """FSDP (FSDP2 on gloo): every rank holds a share of each weight, the checkpoints are
+    sharded (a file per rank), the one adapter equals what DDP trains from the same seed, and a
+    run resumed from a sharded checkpoint ends with the same adapter."""
+    rows = arithmetic_rows(16)
+    sharded = _spec(tiny_model)
+    sharded = TrainingSpec(
+        **{**sharded.__dict__, "distributed": "fsdp", "checkpoint_every_steps": 2}
+    )
+    result = run_distributed(sharded, rows, None, tmp_path / "fsdp", TrainingHooks(), processes=2)
+    assert result.steps == result.total_steps == 4
+
+    ranks = [
+        json.loads(rank_marker(tmp_path / "fsdp" / RUN_DIR_NAME, r).read_text()) for r in (0, 1)
+    ]
+    assert all(marker["sharded"] and marker["examples"] == 8 for marker in ranks)
+    assert ranks[0]["lora_checksum"] == pytest.approx(ranks[1]["lora_checksum"], rel=1e-6)
+    checkpoint = tmp_path / "fsdp" / "trainer" / "checkpoint-2"
+    shards = sorted(path.name for path in (checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its share
+    assert not (checkpoint / "adapter_model.safetensors").exists()
+
+    fsdp_weights = _lora_weights(tmp_path / "fsdp")
+    run_distributed(_spec(tiny_model), rows, None, tmp_path / "ddp", TrainingHooks(), processes=2)
+    ddp_weights = _lora_weights(tmp_path / "ddp")
+    assert fsdp_weights.keys() == ddp_weights.keys()
+    for name, tensor in fsdp_weights.items():
+        torch.testing.assert_close(tensor, ddp_weights[name], rtol=1e-4, atol=1e-5)
+
+    copy = shutil.copytree(checkpoint, tmp_path / "from-2")
+    resumed_spec = TrainingSpec(**{**sharded.__dict__, "resume_from": str(copy)})
+    resumed = run_distributed(resumed_spec, rows, None, tmp_path / "resumed", TrainingHooks(), 2)
+    assert resumed.steps == 4
+    markers = _markers(tmp_path / "resumed" / RUN_DIR_NAME)
+    assert [marker["examples"] for marker in markers] == [4, 4]  # only steps 3 and 4 ran
+    for name, tensor in _lora_weights(tmp_path / "resumed").items():
+        torch.testing.assert_close(tensor, fsdp_weights[name], rtol=1e-4, atol=1e-5)
