@@ -22,7 +22,7 @@ from app.datasets.reading import (
 from app.devices import Device
 from app.evaluation.split import EvaluationSplit, split_records
 from app.jobs.auto import Resolved, auto_fields, resolve
-from app.jobs.memory import batch_fits, checkpointing_needed
+from app.jobs.memory import batch_fits, checkpointing_needed, choose_distributed
 from app.jobs.models import Job
 from app.jobs.schemas import Hyperparameters, Method, TrainingHyperparameters
 from app.jobs.steps import total_steps
@@ -57,6 +57,8 @@ class PreparedDatasets:
     auto: list[str] = field(default_factory=list)  # the names that were "auto"
     # On when the job fits this worker's device only with it (app/jobs/memory.py).
     activation_checkpointing: bool = False
+    # "fsdp" when the ranks shard the base model (asked, or the job fits only so), else None.
+    distributed: str | None = None
 
 
 def _bring_here(
@@ -92,6 +94,7 @@ def resolve_hyperparameters(
     rows: int,
     max_row_tokens: int,
     device: Device | None,
+    shards: int = 1,
 ) -> Resolved:
     """The job's "auto" hyperparameters as numbers for this dataset and this worker's device
     (app/jobs/auto.py has the rules; auto batch_size fits the device's memory, or
@@ -114,6 +117,7 @@ def resolve_hyperparameters(
             accelerator=device.accelerator_class if device else "cpu",
             sequences_per_row=Method.model_validate(job.method or {}).sequences_per_row,
             quantization=job.quantization,
+            shards=shards,
         ),
     )
 
@@ -126,6 +130,7 @@ def needs_checkpointing(
     rows: int,
     max_row_tokens: int,
     device: Device | None,
+    shards: int = 1,
 ) -> bool:
     """Whether the job fits this worker's device (or TUNESERVE_DEVICE_MEMORY_BYTES) only with
     activation checkpointing: its largest batch does not fit without."""
@@ -142,7 +147,39 @@ def needs_checkpointing(
         accelerator=device.accelerator_class if device else "cpu",
         sequences_per_row=Method.model_validate(job.method or {}).sequences_per_row,
         quantization=job.quantization,
+        shards=shards,
     )
+
+
+def needs_sharding(
+    job: Job,
+    settings: Settings,
+    hyperparameters: TrainingHyperparameters,
+    *,
+    rows: int,
+    max_row_tokens: int,
+    device: Device | None,
+    world_size: int,
+) -> bool:
+    """Whether a job that names no `distributed` fits this worker's devices only with its base
+    model sharded over the `world_size` ranks (FSDP): as the plan decides, with this worker's
+    own device memory."""
+    memory = settings.device_memory_bytes or (device.memory_bytes if device else None)
+    if job.distributed is not None or device is None:
+        return False
+    facts = model_facts(settings, get_base_model(settings, job.base_model))
+    chosen = choose_distributed(
+        facts,
+        job.lora,
+        batch=min(hyperparameters.batch_size, rows),
+        seq=min(hyperparameters.max_seq_length, max_row_tokens),
+        device_bytes=memory,
+        shards=world_size,
+        accelerator=device.accelerator_class,
+        sequences_per_row=Method.model_validate(job.method or {}).sequences_per_row,
+        quantization=job.quantization,
+    )
+    return chosen is not None
 
 
 def prepare_datasets(
@@ -152,9 +189,11 @@ def prepare_datasets(
     workdir: Path,
     world_size: int = 1,
     device: Device | None = None,
+    distributed: str | None = None,
 ) -> PreparedDatasets:
     """Fetch, parse and check the datasets and resolve "auto" hyperparameters (auto batch_size
-    fits `device`'s memory when given)."""
+    fits `device`'s memory when given, sharded over world_size when `distributed` is "fsdp").
+    A job that names no `distributed` is sharded when it fits only so (`needs_sharding`)."""
     from transformers import AutoTokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -206,14 +245,27 @@ def prepare_datasets(
         max_rows=settings.auto_eval_rows,
     )
     facts["held_out_rows"] = len(parsed.records) - len(scored.train)
+    shards = world_size if distributed == "fsdp" else 1
     resolved = resolve_hyperparameters(
         job,
         settings,
         rows=len(scored.train),
         max_row_tokens=max(counts),
         device=device,
+        shards=shards,
     )
     hyperparameters = TrainingHyperparameters.model_validate(resolved.hyperparameters)
+    rows, longest = len(scored.train), max(counts)
+    if world_size > 1 and needs_sharding(
+        job,
+        settings,
+        hyperparameters,
+        rows=rows,
+        max_row_tokens=longest,
+        device=device,
+        world_size=world_size,
+    ):
+        distributed, shards = "fsdp", world_size
     return PreparedDatasets(
         facts=facts,
         train_records=scored.train,
@@ -227,8 +279,10 @@ def prepare_datasets(
             job,
             settings,
             hyperparameters,
-            rows=len(scored.train),
-            max_row_tokens=max(counts),
+            rows=rows,
+            max_row_tokens=longest,
             device=device,
+            shards=shards,
         ),
+        distributed=distributed,
     )

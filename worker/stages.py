@@ -163,7 +163,9 @@ def validate(context: JobContext) -> Validated:
                 f"{processes} (TUNESERVE_TRAINING_PROCESSES): training unsharded on one.",
                 level="warning",
             )
-    prepared = prepare_datasets(job, settings, location, context.workdir, processes, device=device)
+    prepared = prepare_datasets(
+        job, settings, location, context.workdir, processes, device=device, distributed=distributed
+    )
     facts = prepared.facts
     hyperparameters = prepared.hyperparameters.model_dump(mode="json")
     resolved = {name: hyperparameters[name] for name in prepared.auto}
@@ -193,7 +195,7 @@ def validate(context: JobContext) -> Validated:
                 data={"activation_checkpointing": True},
             )
     context.check_stop()
-    return Validated(device, bf16, processes, base_model, location, prepared, distributed)
+    return Validated(device, bf16, processes, base_model, location, prepared, prepared.distributed)
 
 
 def train(context: JobContext, validated: Validated) -> Trained:

@@ -217,10 +217,11 @@ def _preference_loss(dpo: DpoSettings) -> dict[str, Any]:
     return {"beta": dpo.beta, "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, dpo.rpo_alpha]}
 
 
-def quantization_config(quantization: str | None, bf16: bool) -> Any:
+def quantization_config(quantization: str | None, bf16: bool, sharded: bool = False) -> Any:
     """bitsandbytes' config for a quantized frozen base (None: as loaded). 4bit is the QLoRA
     recipe: NF4 with double quantization (the blocks' scales quantized too), computing in bf16
-    where the device runs it natively, else fp32."""
+    where the device runs it natively, else fp32. Sharded (FSDP), the packed 4-bit weights are
+    stored in the compute dtype, so FSDP shards them like every other weight (FSDP+QLoRA)."""
     if quantization is None:
         return None
     import torch
@@ -228,11 +229,13 @@ def quantization_config(quantization: str | None, bf16: bool) -> Any:
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
+    compute = torch.bfloat16 if bf16 else torch.float32
     return BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+        bnb_4bit_compute_dtype=compute,
+        **({"bnb_4bit_quant_storage": compute} if sharded else {}),
     )
 
 
@@ -426,10 +429,12 @@ def train_lora(
     scorer = spec.method.type is MethodType.REWARD_MODEL
     # A reward model is the base model with a one-number head: it scores, it does not generate.
     loader: Any = AutoModelForSequenceClassification if scorer else AutoModelForCausalLM
-    quantized = quantization_config(spec.quantization, spec.bf16)
+    quantized = quantization_config(spec.quantization, spec.bf16, spec.distributed == "fsdp")
     model: Any = loader.from_pretrained(
         spec.model_location,
-        dtype=torch.float32,
+        # The frozen base in bf16 on GPUs that train in it (half the memory; PEFT keeps the
+        # adapter in fp32); fp32 on CPUs, where bf16 matmuls are emulated or slow.
+        dtype=torch.bfloat16 if spec.bf16 and torch.cuda.is_available() else torch.float32,
         trust_remote_code=False,
         use_safetensors=True,
         **({"num_labels": 1} if scorer else {}),

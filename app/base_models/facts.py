@@ -1,5 +1,5 @@
-"""Sizes of a base model that plans need (parameters, width, depth, vocabulary, linear layers),
-read from its config on the meta device: no weights are loaded."""
+"""Sizes of a base model that plans need (parameters, width, depth, vocabulary, linear layers,
+one decoder layer), read from its config on the meta device: no weights are loaded."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ class ModelFacts:
     vocab_size: int
     # Linear layers LoRA may target (the output head excluded): (module path, in, out).
     linear_layers: tuple[tuple[str, int, int], ...]
+    # One decoder layer (what FSDP gathers whole at a time): its parameters, and those of its
+    # linear layers (what quantization shrinks). 0: not known.
+    layer_params: int = 0
+    layer_linear_params: int = 0
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the linear layers (the output head excluded): what quantization shrinks."""
+        return sum(fan_in * fan_out for _name, fan_in, fan_out in self.linear_layers)
 
     def lora_params(self, r: int, target_modules: str | list[str]) -> int:
         """Parameters of a LoRA adapter: r x (in + out) per targeted layer, matched as PEFT
@@ -58,14 +67,38 @@ def _model_facts(location: str, revision: str | None, cache_dir: str | None) -> 
         ) from exc
     text: Any = config.get_text_config()  # hidden_size etc. are per-architecture attributes
     head = model.get_output_embeddings()
+    linear_layers = tuple(
+        (name, module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    )
+    layers = int(text.num_hidden_layers)
+    layer_params, layer_linear_params = _decoder_layer(model, layers, linear_layers)
     return ModelFacts(
         params=sum(parameter.numel() for parameter in model.parameters()),
         hidden_size=int(text.hidden_size),
-        layers=int(text.num_hidden_layers),
+        layers=layers,
         vocab_size=int(text.vocab_size),
-        linear_layers=tuple(
-            (name, module.in_features, module.out_features)
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head
-        ),
+        linear_layers=linear_layers,
+        layer_params=layer_params,
+        layer_linear_params=layer_linear_params,
     )
+
+
+def _decoder_layer(
+    model: Any, layers: int, linear_layers: tuple[tuple[str, int, int], ...]
+) -> tuple[int, int]:
+    """Parameters of the first decoder layer, and of its linear layers: the first module list
+    as long as the model is deep (`model.layers` in Llama-like models). (0, 0) when none is."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers and layers:
+            prefix = f"{name}.0."
+            linear = sum(
+                fan_in * fan_out
+                for path, fan_in, fan_out in linear_layers
+                if path.startswith(prefix)
+            )
+            return sum(parameter.numel() for parameter in module[0].parameters()), linear
+    return 0, 0

@@ -79,6 +79,9 @@ def _facts(job: dict[str, Any]) -> Table:
         "hyperparameters", _pairs(job["hyperparameters"], job.get("auto_hyperparameters"))
     )
     facts.add_row("lora", _pairs(job["lora"]))
+    levers = {key: job.get(key) for key in ("quantization", "distributed") if job.get(key)}
+    if levers:
+        facts.add_row("memory levers", _pairs(levers))
     method = job.get("method") or {"type": "supervised"}
     if method["type"] != "supervised":
         facts.add_row("method", f"{method['type']} " + _pairs(method.get(method["type"]) or {}))

@@ -85,6 +85,20 @@ RsLoraOption = Annotated[
 DoraOption = Annotated[
     bool, typer.Option("--dora", help="DoRA: learn a magnitude per output feature too.")
 ]
+AdaLoraOption = Annotated[
+    int | None,
+    typer.Option(
+        "--adalora",
+        metavar="TARGET_R",
+        help="AdaLoRA: start every module at --lora-r and prune to this average rank.",
+    ),
+]
+DistributedOption = Annotated[
+    str | None,
+    typer.Option(
+        help="fsdp (shard the base model over the node's devices) or ddp; default: the plan picks.",
+    ),
+]
 AnswerTokensOption = Annotated[
     int | None,
     typer.Option(help="reinforcement: the longest answer written, in tokens (default 256)."),
@@ -191,7 +205,9 @@ class JobOptions:
     lora_alpha: int | None = None
     rslora: bool = False
     dora: bool = False
+    adalora: int | None = None
     quantization: str | None = None
+    distributed: str | None = None
     seed: int | None = None
     suffix: str | None = None
     metadata: list[str] | None = None
@@ -217,7 +233,9 @@ def _job_options(
     lora_alpha: LoraAlphaOption = None,
     rslora: RsLoraOption = False,
     dora: DoraOption = False,
+    adalora: AdaLoraOption = None,
     quantization: QuantizationOption = None,
+    distributed: DistributedOption = None,
     seed: SeedOption = None,
     suffix: SuffixOption = None,
     metadata: MetadataOption = None,
@@ -291,11 +309,13 @@ def job_body(client: Client, options: JobOptions) -> dict[str, Any]:
         "alpha": options.lora_alpha,
         "use_rslora": options.rslora or None,
         "use_dora": options.dora or None,
+        **({"type": "adalora", "target_r": options.adalora} if options.adalora else {}),
     }
     optional = {
         "method": _method(options),
         "base_model": options.base_model,
         "quantization": options.quantization,
+        "distributed": options.distributed,
         "adapter": options.adapter,
         "suffix": options.suffix,
         "metadata": _metadata(options.metadata),

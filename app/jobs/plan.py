@@ -5,9 +5,9 @@ from the artifact store, or the URL through the guarded fetch, with the same lim
 with the base model's tokenizer and chat template, and checked against max_seq_length. From that:
 the "auto" hyperparameters resolved (app/jobs/auto.py), the steps (worker/training.py's
 `total_steps`), the time from what workers measured (`throughput`), the peak memory and whether
-it fits the target device, with activation checkpointing when only that makes it fit
-(app/jobs/memory.py), and the loss mask of the first examples
-(app/datasets/loss_mask.py).
+it fits the target device, with activation checkpointing when only that makes it fit and FSDP
+(the base model sharded over the devices a job trains on) when only that does (app/jobs/memory.py),
+and the loss mask of the first examples (app/datasets/loss_mask.py).
 
 `check_fits` is the cheap version run at submission: see its docstring.
 """
@@ -18,7 +18,7 @@ import math
 import statistics
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +47,7 @@ from app.jobs.memory import (
     MemoryEstimate,
     batch_fits,
     checkpointing_needed,
+    choose_distributed,
     estimate_memory,
     fits,
     suggest,
@@ -54,6 +55,7 @@ from app.jobs.memory import (
 )
 from app.jobs.schemas import (
     CreateJobRequest,
+    Distributed,
     JobPlan,
     LossMaskPreview,
     MaskSegment,
@@ -75,6 +77,8 @@ PREVIEW_EXAMPLES = 3
 MEASUREMENTS_USED = 5
 # Submission reads an uploaded dataset for the fit check only up to this size (see check_fits).
 FIT_CHECK_MAX_BYTES = 16 * 1024 * 1024
+# GPUs a node of a class is taken to have when no worker of the class has recorded its devices.
+NODE_GPUS_ASSUMED = 8
 
 
 class JobDoesNotFit(InvalidRequest):
@@ -105,11 +109,11 @@ def target_device(settings: Settings, request: CreateJobRequest, queue: str) -> 
         from app.devices import detect_device
 
         here = detect_device()
-        count = here.count
         if wanted is None or wanted == here.kind:
-            kind, name, memory, source = here.kind, here.name, here.memory_bytes, "this machine"
+            kind, name, count = here.kind, here.name, here.count
+            memory, source = here.memory_bytes, "this machine"
         else:
-            kind, name, memory, source = wanted, None, None, "unknown"
+            kind, name, count, memory, source = wanted, None, None, None, "unknown"
     if settings.device_memory_bytes is not None:
         memory, source = settings.device_memory_bytes, "setting"
     return PlanDevice(
@@ -121,14 +125,106 @@ def target_device(settings: Settings, request: CreateJobRequest, queue: str) -> 
     )
 
 
-def world_size(settings: Settings, device: PlanDevice) -> int:
-    """Ranks the job trains on: TUNESERVE_TRAINING_PROCESSES, or (0) every GPU of the node as a
-    worker of the class recorded it."""
-    if settings.training_processes:
-        return settings.training_processes
+def node_gpus(device: PlanDevice) -> tuple[int, str | None]:
+    """GPUs of a node of the target class, as a worker of the class recorded them, else 8 (and a
+    note that says they were assumed); 1 for CPU workers."""
     if device.accelerator == "cpu":
-        return 1
-    return device.count or 1
+        return 1, None
+    if device.count:
+        return device.count, None
+    return NODE_GPUS_ASSUMED, (
+        f"{NODE_GPUS_ASSUMED} GPUs a node assumed: no {device.accelerator} worker has recorded "
+        "its devices yet."
+    )
+
+
+def training_devices(settings: Settings, device: PlanDevice) -> tuple[int, str | None]:
+    """Ranks (devices) a job trains on: TUNESERVE_TRAINING_PROCESSES, or (0) every GPU of the
+    node; with the note of node_gpus when their number was assumed."""
+    if settings.training_processes:
+        return settings.training_processes, None
+    return node_gpus(device)
+
+
+def world_size(settings: Settings, device: PlanDevice) -> int:
+    return training_devices(settings, device)[0]
+
+
+# --- spreading over devices (DDP or FSDP) --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spread:
+    """How a job spreads over its devices: `distributed` ("ddp", "fsdp", or None on one device),
+    the devices its weights are sharded over, why, and the devices FSDP could use (for advice)."""
+
+    distributed: Distributed | None
+    shards: int
+    note: str | None
+    fsdp_devices: int
+
+
+def choose_spread(
+    settings: Settings,
+    device: PlanDevice,
+    asked: Distributed | None,
+    needs_fsdp: Callable[[int], bool],
+) -> Spread:
+    """The job's `distributed` when it asks, else FSDP when `needs_fsdp(devices)` (the job fits
+    only sharded over the devices it trains on), else DDP on several devices. A job that asks
+    for FSDP where a job trains on one process (TUNESERVE_TRAINING_PROCESSES=1) is estimated
+    over 2."""
+    devices, assumed = training_devices(settings, device)
+    advice = 1 if device.accelerator == "cpu" else max(devices, node_gpus(device)[0])
+    if asked is Distributed.FSDP:
+        if devices > 1:
+            return Spread(asked, devices, _sharded(devices, assumed), advice)
+        note = (
+            "FSDP asked, but a job trains on one process here (TUNESERVE_TRAINING_PROCESSES=1): "
+            "the estimate assumes its base model sharded over 2 devices."
+        )
+        return Spread(asked, 2, note, advice)
+    if asked is None and devices > 1 and needs_fsdp(devices):
+        why = "The job does not fit one device even with activation checkpointing: its"
+        return Spread(Distributed.FSDP, devices, _sharded(devices, assumed, why), 1)
+    if asked is None and devices == 1:
+        return Spread(None, 1, None, advice)
+    return Spread(Distributed.DDP, 1, None, advice)
+
+
+def _sharded(devices: int, assumed: str | None, why: str = "The") -> str:
+    note = f"{why} base model is sharded over {devices} devices (FSDP)."
+    return f"{note} {assumed}" if assumed else note
+
+
+def _request_spread(
+    settings: Settings,
+    request: CreateJobRequest,
+    device: PlanDevice,
+    facts: ModelFacts,
+    *,
+    batch: int,
+    seq: int,
+) -> Spread:
+    """The spread of the job `request` asks for, FSDP chosen (when it asks for none) for
+    batches of `batch` rows of `seq` tokens."""
+    lora = request.lora.model_dump(mode="json")
+
+    def needs_fsdp(devices: int) -> bool:
+        chosen = choose_distributed(
+            facts,
+            lora,
+            batch=batch,
+            seq=seq,
+            device_bytes=device.memory_bytes,
+            shards=devices,
+            accelerator=device.accelerator,
+            sequences_per_row=request.method.sequences_per_row,
+            quantization=request.quantization.value if request.quantization else None,
+        )
+        return chosen is not None
+
+    return choose_spread(settings, device, request.distributed, needs_fsdp)
 
 
 # --- time ----------------------------------------------------------------------------------------
@@ -224,10 +320,12 @@ def _memory(
     rows: int,
     counts: list[int],
     method: Method,
+    spread: Spread,
     quantization: str | None = None,
 ) -> PlanMemory:
-    """The peak estimate on the target device, with activation checkpointing on when the job
-    fits only with it, and a change that fits when it does not fit even so."""
+    """The peak estimate on the target device, spread over devices as `spread` says, with
+    activation checkpointing on when the job fits only with it, and a change that fits when it
+    does not fit even so."""
     seq = min(int(hyperparameters["max_seq_length"]), max(counts))
     batch = min(int(hyperparameters["batch_size"]), rows)
     checkpointing = checkpointing_needed(
@@ -239,6 +337,7 @@ def _memory(
         accelerator=device.accelerator,
         sequences_per_row=method.sequences_per_row,
         quantization=quantization,
+        shards=spread.shards,
     )
     estimate = estimate_memory(
         facts,
@@ -250,6 +349,7 @@ def _memory(
         sequences_per_row=method.sequences_per_row,
         quantization=quantization,
         checkpointing=checkpointing,
+        shards=spread.shards,
     )
     fitting = None if device.memory_bytes is None else fits(estimate, device.memory_bytes)
     suggestion = None
@@ -267,6 +367,8 @@ def _memory(
             sequences_per_row=method.sequences_per_row,
             quantization=quantization,
             checkpointing=checkpointing,
+            shards=spread.shards,
+            fsdp_devices=spread.fsdp_devices,
         )
         suggestion = PlanSuggestion(message=advice.message, hyperparameters=advice.hyperparameters)
     return PlanMemory(
@@ -279,6 +381,9 @@ def _memory(
         fits=fitting,
         activation_checkpointing=checkpointing,
         quantization=quantization,
+        distributed=spread.distributed,
+        shards=spread.shards,
+        distributed_note=spread.note,
         suggestion=suggestion,
     )
 
@@ -286,6 +391,7 @@ def _memory(
 def _parts(estimate: MemoryEstimate) -> MemoryParts:
     return MemoryParts(
         weights=estimate.weights,
+        gathered_layers=estimate.gathered_layers,
         lora_and_optimizer=estimate.lora_and_optimizer,
         activations=estimate.activations,
         logits=estimate.logits,
@@ -359,6 +465,11 @@ def plan_job(
     )
     rows = train.parsed.rows - held_out  # the rows trained on
     seq = min(max_seq_length, max(train.counts))
+    # Sharded or not is decided first, on the batch asked ("auto" halves down to 1 row).
+    asked_batch = 1 if "batch_size" in auto_fields(requested) else int(requested["batch_size"])
+    spread = _request_spread(
+        settings, request, device, facts, batch=min(asked_batch, rows), seq=seq
+    )
     resolved = resolve(
         requested,
         rows=rows,
@@ -372,6 +483,7 @@ def plan_job(
             accelerator=device.accelerator,
             sequences_per_row=method.sequences_per_row,
             quantization=quantization,
+            shards=spread.shards,
         ),
     )
     hyperparameters = resolved.hyperparameters
@@ -419,6 +531,7 @@ def plan_job(
             rows=rows,
             counts=train.counts,
             method=method,
+            spread=spread,
             quantization=quantization,
         ),
         loss_mask_preview=previews,
@@ -466,17 +579,21 @@ def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> 
     hyperparameters = request.hyperparameters.model_dump(mode="json")
     lora = request.lora.model_dump(mode="json")
     batch = 1 if "batch_size" in auto_fields(hyperparameters) else hyperparameters["batch_size"]
-    # Activation checkpointing on, as the worker turns it on when the job needs it.
+    seq = int(hyperparameters["max_seq_length"])
+    spread = _request_spread(settings, request, device, facts, batch=int(batch), seq=seq)
+    # Activation checkpointing on, as the worker turns it on when the job needs it; sharded
+    # when the job asks for FSDP or fits only with it.
     most = estimate_memory(
         facts,
         batch=int(batch),
-        seq=int(hyperparameters["max_seq_length"]),
+        seq=seq,
         lora_r=int(lora["r"]),
         target_modules=lora["target_modules"],
         accelerator=device.accelerator,
         sequences_per_row=request.method.sequences_per_row,
         quantization=request.quantization.value if request.quantization else None,
         checkpointing=True,
+        shards=spread.shards,
     )
     if fits(most, device.memory_bytes) or not request.dataset_url.startswith("file-"):
         return
@@ -496,6 +613,8 @@ def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> 
         advice = f" {suggestion.message}" if suggestion else ""
         checkpointed = plan.memory.activation_checkpointing
         recomputed = " with activation checkpointing" if checkpointed else ""
+        if plan.memory.shards > 1:
+            recomputed += f", sharded over {plan.memory.shards} devices"
         raise JobDoesNotFit(
             f"The job needs about {plan.memory.estimated_bytes / (1 << 30):.1f} GiB at its peak "
             f"({plan.memory.batch} rows of {plan.memory.seq} tokens{recomputed}), more than the "
@@ -507,6 +626,8 @@ def check_fits(*, owner: str, request: CreateJobRequest, settings: Settings) -> 
                 "usable_bytes": plan.memory.usable_bytes,
                 "device": plan.memory.device.model_dump(),
                 "activation_checkpointing": plan.memory.activation_checkpointing,
+                "distributed": plan.memory.distributed,
+                "shards": plan.memory.shards,
                 "suggestion": suggestion.model_dump() if suggestion else None,
             },
         )

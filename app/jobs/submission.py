@@ -9,7 +9,7 @@ from app.errors import InvalidRequest
 from app.jobs import plan, service
 from app.jobs.parents import resolve_parent
 from app.jobs.reward_models import check_reward_models
-from app.jobs.schemas import CreateJobRequest, JobPlan, Quantization
+from app.jobs.schemas import CreateJobRequest, Distributed, JobPlan, LoraType, Quantization
 from app.settings import Settings
 
 
@@ -30,7 +30,7 @@ def submit_job(
     with unit_of_work() as reading:
         request, parent = resolve_parent(reading, owner=owner, request=request, settings=settings)
         check_reward_models(reading, owner=owner, request=request, settings=settings)
-    check_quantization(request)
+    check_levers(request)
     plan.check_fits(owner=owner, request=request, settings=settings)
     return service.create_job(
         session,
@@ -47,16 +47,30 @@ def plan_submission(*, owner: str, request: CreateJobRequest, settings: Settings
     with unit_of_work() as session:
         request, _ = resolve_parent(session, owner=owner, request=request, settings=settings)
         check_reward_models(session, owner=owner, request=request, settings=settings)
-    check_quantization(request)
+    check_levers(request)
     return plan.plan_job(owner=owner, request=request, settings=settings)
 
 
-def check_quantization(request: CreateJobRequest) -> None:
-    """Refuse (400 quantization_unsupported) what cannot train on a quantized base: DoRA on an
-    8-bit one (PEFT's DoRA dequantizes bitsandbytes' 8-bit layers in a way their next forward
-    pass does not survive: with PEFT 0.21 and bitsandbytes 0.50 training fails at its second
-    step, fresh or from a DoRA parent). The request is the effective one, so a parent adapter's
-    DoRA counts too. Every method trains on 4bit and 8bit bases (all five tried here)."""
+def check_levers(request: CreateJobRequest) -> None:
+    """Refuse the combinations of memory levers that cannot train.
+
+    400 distributed_unsupported: AdaLoRA sharded (FSDP): its rank allocation reads each
+    module's whole singular values, which FSDP holds in shares (it fails at the first step).
+
+    400 quantization_unsupported: DoRA on an 8-bit base (PEFT's DoRA dequantizes bitsandbytes'
+    8-bit layers in a way their next forward pass does not survive: with PEFT 0.21 and
+    bitsandbytes 0.50 training fails at its second step, fresh or from a DoRA parent).
+
+    The request is the effective one, so a parent adapter's DoRA counts too. Every method
+    trains on 4bit and 8bit bases (all five tried here)."""
+    if request.distributed is Distributed.FSDP and request.lora.type is LoraType.ADALORA:
+        raise InvalidRequest(
+            'lora.type "adalora" does not train sharded (FSDP reads each module\'s singular '
+            'values in shares): use "distributed": "ddp", or "quantization": "4bit" to fit one '
+            "device.",
+            code="distributed_unsupported",
+            detail={"field": "distributed"},
+        )
     if request.quantization is Quantization.INT8 and request.lora.use_dora:
         raise InvalidRequest(
             'quantization "8bit" does not train DoRA adapters (lora.use_dora, or an adapter '

@@ -558,3 +558,50 @@ def test_the_default_model_learns_on_a_4bit_base_and_its_adapter_serves(
     assert served(service, job["id"], question, 8) == peft_greedy(
         default_model_dir, local, question, 8
     )
+
+
+# --- every variant on the real default model ----------------------------------------------------
+
+DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
+    "rslora": {"lora": {"r": 8, "alpha": 8, "use_rslora": True}},
+    "dora": {"lora": {"r": 8, "alpha": 16, "use_dora": True}},
+    "adalora": {"lora": {"type": "adalora", "r": 8, "target_r": 4}},
+}
+
+
+@pytest.fixture(scope="module")
+def default_variant_jobs(service: Service) -> dict[str, dict[str, Any]]:
+    """rsLoRA, DoRA and AdaLoRA jobs on the default model, on the same rows, trained to the end."""
+    train = service.upload("people-variants.jsonl", jsonl(person_rows(16, seed=5)))
+    held_out = service.upload("people-variants-val.jsonl", jsonl(person_rows(6, seed=6)))
+    created = {
+        name: service.create_job(
+            dataset_url=train,
+            validation_url=held_out,
+            hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate": 2e-3},
+            **body,
+        )
+        for name, body in DEFAULT_VARIANTS.items()
+    }
+    return {name: service.wait_for(job["id"], timeout=1500) for name, job in created.items()}
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("variant", list(DEFAULT_VARIANTS))
+def test_each_variant_learns_on_the_default_model_and_serves_peft_greedy_text(
+    service: Service,
+    default_model_dir: Path,
+    default_variant_jobs: dict[str, dict[str, Any]],
+    variant: str,
+    tmp_path: Path,
+) -> None:
+    job = default_variant_jobs[variant]
+    assert job["status"] == "succeeded", job["error"]
+    evaluation = job["evaluation"]
+    assert evaluation["split"] == "validation" and evaluation["rows"] == 6
+    assert evaluation["adapter_eval_loss"] < evaluation["base_eval_loss"], evaluation
+    question = [{"role": "user", "content": "Hana is 29 years old and lives in Bergen."}]
+    local = adapter_dir(service, job["adapter"]["id"], tmp_path / "adapter")
+    assert served(service, job["id"], question, 8) == peft_greedy(
+        default_model_dir, local, question, 8
+    )

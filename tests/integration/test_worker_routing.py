@@ -58,3 +58,43 @@ def test_a_job_for_a_class_without_workers_waits_in_its_queue(
     assert service.client.get(f"/jobs/{created['id']}").json()["status"] == "queued"
     cancelled = service.client.post(f"/jobs/{created['id']}/cancel").json()
     assert cancelled["status"] == "cancelled"
+
+
+def test_a_job_asking_for_fsdp_trains_sharded_and_serves(service: Service, tiny_model: str) -> None:
+    """distributed: fsdp on a CPU worker that trains on one process: two gloo ranks shard the
+    model (FSDP2), the adapter is saved once, evaluated and served."""
+    file_id = service.upload("sums-fsdp.jsonl", jsonl(arithmetic_rows(16)))
+    created = service.create_job(
+        base_model=tiny_model,
+        dataset_url=file_id,
+        distributed="fsdp",
+        hyperparameters={"n_epochs": 2, "batch_size": 2, "learning_rate": 1e-2},
+    )
+    assert created["distributed"] == "fsdp"
+    job = service.wait_for(created["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    said = {event["type"]: event for event in service.events(job["id"])}["job.distributed"]
+    assert said["message"] == "Fully sharded (FSDP) training on 2 processes."
+    assert said["data"] == {"distributed": "fsdp", "processes": 2}
+    assert job["evaluation"]["adapter_eval_loss"] < job["evaluation"]["base_eval_loss"]
+    answer = service.client.post(
+        "/generate", json={"adapter": job["id"], "prompt": "1 + 1 =", "max_new_tokens": 4}
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_adalora_sharded_is_refused_by_name(service: Service, tiny_model: str) -> None:
+    body = {
+        "base_model": tiny_model,
+        "dataset_url": "file-anything",
+        "distributed": "fsdp",
+        "lora": {"type": "adalora"},
+    }
+    for path in ("/jobs", "/jobs/plan"):
+        answer = service.client.post(path, json=body)
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "distributed_unsupported"
+        assert error["detail"]["field"] == "distributed" and '"ddp"' in error["message"]
+    answer = service.client.post("/jobs", json={**body, "distributed": "zero3"})
+    assert answer.status_code == 422 and "distributed" in answer.text

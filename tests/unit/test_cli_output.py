@@ -182,6 +182,13 @@ def test_job_body_sends_only_what_was_given() -> None:
         "metadata": {"team": "ml", "note": "a=b"},
         "webhook_url": "https://example.com/hook",
     }
+    levers = body(lora_r=16, adalora=6, quantization="4bit", distributed="fsdp")
+    assert levers == {
+        "dataset_url": "file-abc",
+        "lora": {"r": 16, "type": "adalora", "target_r": 6},
+        "quantization": "4bit",
+        "distributed": "fsdp",
+    }
 
 
 @pytest.mark.parametrize(

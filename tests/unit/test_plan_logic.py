@@ -139,7 +139,8 @@ def test_memory_formula_parts() -> None:
     gpu = estimate_memory(
         SMOL, batch=8, seq=100, lora_r=16, target_modules="all-linear", accelerator="cuda"
     )
-    assert gpu.weights == SMOL.params * 4 and gpu.logits == 8 * 100 * 32768 * 4 * 3
+    assert gpu.weights == SMOL.params * 2  # bf16 on GPUs
+    assert gpu.logits == 8 * 100 * 32768 * 4 * 3
     assert gpu.activations == estimate.activations
 
 
@@ -256,22 +257,27 @@ SMOL_WHOLE = ModelFacts(
 def test_quantized_weights_are_counted_per_linear_weight() -> None:
     from app.jobs.memory import weight_bytes
 
-    linear = 106_168_320  # the 210 linear layers: quantized; embeddings and norms stay fp32
-    assert sum(fan_in * fan_out for _name, fan_in, fan_out in SMOL_LAYERS) == linear
-    rest = (SMOL.params - linear) * 4
+    linear = 106_168_320  # the 210 linear layers: quantized; embeddings and norms as loaded
+    assert SMOL_WHOLE.linear_params == linear
+    nf4_linear = int(linear * (0.5 + 1 / 64 + 4 / 16384))
+    # GPUs: the rest in bf16.
     nf4 = weight_bytes(SMOL_WHOLE, accelerator="cuda", quantization="4bit")
     int8 = weight_bytes(SMOL_WHOLE, accelerator="cuda", quantization="8bit")
-    assert nf4 == int(linear * (0.5 + 1 / 64 + 4 / 16384)) + rest
-    assert int8 == linear + rest
-    # get_memory_footprint() of the model loaded so here (bitsandbytes 0.50.2): 166.5 MB in
-    # 4 bits, 209 MiB in 8 bits.
-    assert nf4 == pytest.approx(166_471_168, rel=0.02)
-    assert int8 == pytest.approx(209 * 2**20, rel=0.02)
-    fp32 = weight_bytes(SMOL_WHOLE, accelerator="cuda", quantization=None)
-    assert nf4 < int8 < fp32 == SMOL.params * 4
-    # A CPU worker reads the fp32 checkpoint to quantize it: those pages stay counted.
-    assert weight_bytes(SMOL_WHOLE, accelerator="cpu", quantization="4bit") == nf4 + fp32
+    assert nf4 == nf4_linear + (SMOL.params - linear) * 4
+    assert int8 == linear + (SMOL.params - linear) * 4
+    bf16 = weight_bytes(SMOL_WHOLE, accelerator="cuda", quantization=None)
+    assert nf4 < int8 < bf16 == SMOL.params * 2
+    # A CPU worker holds the rest in fp32, and reads the fp32 checkpoint to quantize it: those
+    # pages stay counted beside the quantized model.
+    fp32 = SMOL.params * 4
+    cpu_nf4 = weight_bytes(SMOL_WHOLE, accelerator="cpu", quantization="4bit")
+    cpu_int8 = weight_bytes(SMOL_WHOLE, accelerator="cpu", quantization="8bit")
+    assert cpu_nf4 == nf4_linear + (SMOL.params - linear) * 4 + fp32
     assert weight_bytes(SMOL_WHOLE, accelerator="cpu", quantization=None) == 2 * fp32
+    # get_memory_footprint() of the model loaded so on the CPU (bitsandbytes 0.50.2): 166.5 MB
+    # in 4 bits, 209 MiB in 8 bits.
+    assert cpu_nf4 - fp32 == pytest.approx(166_471_168, rel=0.02)
+    assert cpu_int8 - fp32 == pytest.approx(209 * 2**20, rel=0.02)
 
     def peak(quantization: str | None) -> int:
         return estimate_memory(
@@ -284,7 +290,7 @@ def test_quantized_weights_are_counted_per_linear_weight() -> None:
             quantization=quantization,
         ).total
 
-    assert peak(None) - peak("4bit") == fp32 - nf4  # only the weights change
+    assert peak(None) - peak("4bit") == bf16 - nf4  # only the weights change
 
 
 def test_checkpointed_activations_keep_one_value_per_layer_and_one_layer_whole() -> None:

@@ -87,6 +87,7 @@ function drawSummary(job) {
   fillFacts(byId("job-summary"), [
     ["Base model", job.base_model],
     ["Quantization", job.quantization ? `${job.quantization} (QLoRA)` : null],
+    ["Distributed", { fsdp: "fsdp (sharded)", ddp: "ddp" }[job.distributed] ?? null],
     ["Adapter", job.adapter?.name],
     ["Suffix", job.suffix],
     ["Dataset URL", job.dataset_url],
