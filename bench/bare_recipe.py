@@ -1,11 +1,13 @@
 """The bare recipe: LoRA fine-tuning with PEFT + TRL as one plain script, no service around it.
 
     .venv/bin/python bench/bare_recipe.py --model DIR --train train.jsonl --eval eval.jsonl \
-        [--epochs 1] --output-dir OUT --result result.json
+        [--epochs 1] [--trl-defaults] --output-dir OUT --result result.json
 
 The baseline of bench/training.py, which runs it in a process of its own: the base model in fp32,
 LoRA r=16, alpha 32, dropout 0.05 on every linear layer, TRL's SFTTrainer with batch 8, lr 2e-4,
-max_length 512, no packing, seed 42, on the CPU; `messages` rows (JSONL). The Trainer prints
+max_length 512, no packing, seed 42, on the CPU, without activation checkpointing (the strong
+baseline: TRL turns it on by default, which costs a second forward pass; `--trl-defaults` keeps
+TRL's default); `messages` rows (JSONL). The Trainer prints
 each step's log; then it evaluates once, saves the adapter to OUT/adapter and writes its numbers
 (tokens, seconds, losses) as JSON.
 """
@@ -33,6 +35,11 @@ def main() -> None:
     parser.add_argument("--train", type=Path, required=True)
     parser.add_argument("--eval", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument(
+        "--trl-defaults",
+        action="store_true",
+        help="keep TRL's default activation checkpointing (a weaker baseline)",
+    )
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True)
     args = parser.parse_args()
@@ -62,6 +69,7 @@ def main() -> None:
         use_cpu=True,
         seed=42,
         include_num_input_tokens_seen="non_padding",  # counting only: what the table reports
+        gradient_checkpointing=args.trl_defaults,
         disable_tqdm=True,  # the Trainer prints each step's log as a line instead of a bar
     )
     lora = LoraConfig(

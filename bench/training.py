@@ -193,10 +193,13 @@ def same_rule_eval(model_dir: str, adapters: dict[str, str | None], eval_path: s
 # --- the bare recipe -------------------------------------------------------------------------
 
 
-def run_bare(model_dir: str, train: Path, evals: Path, epochs: int, work: Path) -> dict[str, Any]:
+def run_bare(
+    model_dir: str, train: Path, evals: Path, epochs: int, work: Path, trl_defaults: bool = False
+) -> dict[str, Any]:
     """bench/bare_recipe.py in its own process; its lines are shown as it goes."""
     command = [sys.executable, str(REPO / "bench" / "bare_recipe.py"), "--model", model_dir]
     command += ["--train", str(train), "--eval", str(evals), "--epochs", str(epochs)]
+    command += ["--trl-defaults"] if trl_defaults else []
     command += ["--output-dir", str(work / "bare"), "--result", str(work / "bare.json")]
     env = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
@@ -452,6 +455,11 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=32)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="64 rows, 16 eval rows, 1 epoch")
+    parser.add_argument(
+        "--trl-defaults",
+        action="store_true",
+        help="the bare recipe with TRL's default activation checkpointing (a weaker baseline)",
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up as on Ctrl-C
     for name, value in QUIET.items():  # for every child process: no progress bars, no warnings
@@ -481,7 +489,8 @@ def main() -> None:
         (work / "train.jsonl").write_bytes(jsonl(train))
         (work / "eval.jsonl").write_bytes(jsonl(evals))
         log("bare recipe: bench/bare_recipe.py in its own process")
-        bare = run_bare(model_dir, work / "train.jsonl", work / "eval.jsonl", args.epochs, work)
+        files = (work / "train.jsonl", work / "eval.jsonl")
+        bare = run_bare(model_dir, *files, args.epochs, work, args.trl_defaults)
         log("tuneserve: starting `tuneserve up` with a temporary data dir")
         served = run_tuneserve(cache, train, evals, args.epochs, work)
         log("same-rule eval: base model, bare adapter, tuneserve adapter (fresh process)")
@@ -491,7 +500,8 @@ def main() -> None:
     summary = report(bare, served, same)
     log(f"benchmark wall time {time.perf_counter() - started:.0f} s")
     if args.out:
-        config = {k: getattr(args, k) for k in ("rows", "eval_rows", "epochs", "quick")}
+        names = ("rows", "eval_rows", "epochs", "quick", "trl_defaults")
+        config = {k: getattr(args, k) for k in names}
         config |= {"base_model": BASE_MODEL, "model_dir": model_dir, "max_length": MAX_LENGTH}
         config |= {k: os.environ[k] for k in PASSED_ON if k in os.environ}
         results = {"config": config, "machine": machine, "bare": bare, "tuneserve": served}

@@ -180,14 +180,18 @@ def _describe_crash(exc: Exception) -> tuple[str, str, Any]:
 
 
 def _run_claimed(context: JobContext) -> None:
-    """The stages of worker/stages.py, each in its own transaction."""
-    validated = stages.validate(context)
-    trained = stages.train(context, validated)
-    evaluation = stages.evaluate(
-        context, validated.prepared, validated.location, bf16=validated.bf16
-    )
+    """The stages of worker/stages.py, each in its own transaction, each timed."""
+    with context.timed("validate"):
+        validated = stages.validate(context)
+    with context.timed("train"):
+        trained = stages.train(context, validated)
+    with context.timed("evaluate"):
+        evaluation = stages.evaluate(
+            context, validated.prepared, validated.location, bf16=validated.bf16
+        )
     context.check_stop()
-    adapter = stages.publish(context, validated, trained, evaluation)
+    with context.timed("publish"):
+        adapter = stages.publish(context, validated, trained, evaluation)
     stages.finish(context, validated, trained, adapter, evaluation)
 
 

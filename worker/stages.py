@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +75,16 @@ class JobContext:
     heartbeat: Heartbeat
     worker_id: str
     checkpoints: CheckpointKeeper | None = None
+    # Seconds each stage took, in order (the job.succeeded event reports them).
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[phase] = round(time.monotonic() - started, 2)
 
     @property
     def workdir(self) -> Path:
@@ -476,6 +489,13 @@ def finish(
     }
     if result.eval_loss is not None:
         final["eval_loss"] = result.eval_loss
+    phases = _phases(context.phases, result)
+    beyond = {name: seconds for name, seconds in phases.items() if name != "training_steps"}
+    overhead = (
+        f" Beyond the training steps, {sum(beyond.values()):.1f} s: "
+        + ", ".join(f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in beyond.items())
+        + "."
+    )
 
     def succeed() -> bool:
         with unit_of_work() as session:
@@ -486,7 +506,7 @@ def finish(
                 job.id,
                 JobStatus.SUCCEEDED,
                 f"Training finished in {result.seconds:.0f} s; "
-                f"adapter {adapter.id} ({adapter.name}).",
+                f"adapter {adapter.id} ({adapter.name}).{overhead}",
                 only_from=frozenset({JobStatus.RUNNING}),
                 claimed_by=context.worker_id,
                 data={
@@ -495,6 +515,7 @@ def finish(
                     "eval_loss": result.eval_loss,
                     "trained_tokens": result.trained_tokens,
                     "seconds": round(result.seconds, 1),
+                    "phases": phases,
                 },
                 values={"progress": final, "evaluation": evaluation},
             )
@@ -507,6 +528,24 @@ def finish(
     if not with_retries(succeed, what=f"finish job {job.id}"):
         artifact_store(context.settings).delete(adapter.path)
         raise JobStopped("claim_lost")
+
+
+def _phases(timed: dict[str, float], result: TrainingResult) -> dict[str, float]:
+    """Where the job's time went since it was claimed: the stages as timed, the train stage
+    split into its training steps and the rest (loading the model, building the trainer,
+    saving the adapter)."""
+    phases = dict(timed)
+    train = phases.pop("train", None)
+    if train is None:
+        return phases
+    steps = min(result.steps_seconds, train)
+    ordered: dict[str, float] = {}
+    for name, seconds in phases.items():
+        if name == "evaluate":
+            ordered["model_load_and_save"] = round(train - steps, 2)
+            ordered["training_steps"] = round(steps, 2)
+        ordered[name] = seconds
+    return ordered
 
 
 def _record_throughput(session: Session, job: Job, validated: Validated, trained: Trained) -> None:

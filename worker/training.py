@@ -42,6 +42,8 @@ class TrainingSpec:
     quantization: str | None = None  # "4bit" (QLoRA's NF4) or "8bit": the frozen base's weights
     # "fsdp": the ranks of a distributed run each hold a share of the model (FSDP2); else DDP.
     distributed: str | None = None
+    # Supervised rows laid end to end, without padding (False: padded batches, for comparison).
+    padding_free: bool = True
     checkpoint_every_steps: int = 50
     checkpoint_every_minutes: float = 10.0
     checkpoints_kept: int = 3
@@ -115,6 +117,8 @@ class TrainingResult:
     seconds: float
     # AdaLoRA: the rank each module kept (the adapter is saved as the uniform LoRA it equals).
     kept_ranks: dict[str, int] | None = None
+    # Of `seconds`, those of trainer.train(): the steps (and evals between epochs).
+    steps_seconds: float = 0.0
 
 
 def _make_callback(spec: TrainingSpec, hooks: TrainingHooks) -> Any:
@@ -190,17 +194,25 @@ def _eval_strategy(has_eval: bool, every_steps: int | None) -> str:
     return "steps" if every_steps else "epoch"
 
 
-def trained_tokens(tokenizer: Any, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records as token ids with the loss mask: for chat, only the assistant messages are
-    learned; for prompt-completion, only the completion (app/datasets/loss_mask.py). TRL's fused
-    LM head then projects only those positions: the loss costs nothing where nothing is
-    learned."""
+def trained_tokens(
+    tokenizer: Any, records: list[dict[str, Any]], max_length: int | None = None
+) -> list[dict[str, Any]]:
+    """Records as token ids with the loss mask, cut to max_length: for chat, only the assistant
+    messages are learned; for prompt-completion, only the completion
+    (app/datasets/loss_mask.py). TRL's fused LM head then projects only those positions: the
+    loss costs nothing where nothing is learned. (A job's rows are never cut: the worker fails
+    a job whose rows are longer than max_seq_length before training.)"""
     from app.datasets.loss_mask import token_mask
 
     examples = []
     for record in records:
         input_ids, mask = token_mask(tokenizer, record)
-        examples.append({"input_ids": input_ids, "assistant_masks": [int(bit) for bit in mask]})
+        examples.append(
+            {
+                "input_ids": input_ids[:max_length],
+                "assistant_masks": [int(bit) for bit in mask][:max_length],
+            }
+        )
     return examples
 
 
@@ -457,7 +469,9 @@ def train_lora(
         # conversational ones); supervised rows as token ids with their loss mask.
         if reinforcement is not None:
             return Dataset.from_list(prompt_rows(records))
-        return Dataset.from_list(records if preference else trained_tokens(tokenizer, records))
+        if preference:
+            return Dataset.from_list(records)
+        return Dataset.from_list(trained_tokens(tokenizer, records, hp.max_seq_length))
 
     train_dataset = dataset(train_records)
     # GRPO's own evaluation would write num_generations answers to every row at each eval; the
@@ -546,12 +560,27 @@ def train_lora(
         args = DPOConfig(**common, **_preference_loss(spec.method.dpo))
     else:
         trainer_class = SFTTrainer
+        unpadded = {
+            # Rows come cut to max_seq_length (trained_tokens): padding-free batches take them
+            # as they are. Every token of such a batch is a row's (the pad token, which is also
+            # a row's end-of-turn token here, must not be taken for padding).
+            "max_length": None,
+            "include_num_input_tokens_seen": "all",
+        }
         args = SFTConfig(
-            **common,
-            # Batches of rows of similar length: little padding to compute and throw away.
-            train_sampling_strategy="group_by_length",
+            **{**common, **(unpadded if spec.padding_free else {})},
+            # Padding-free: a batch's rows are laid end to end in one sequence, each with its
+            # own positions, and no padding is computed. Attention stays within each row: with
+            # no cache, transformers builds the block-diagonal causal mask from the positions
+            # (test_padding_free_rows_never_attend_to_each_other).
+            padding_free=spec.padding_free,
             packing=False,
+            # Rows of similar length per batch, as before: batches of even size.
+            train_sampling_strategy="group_by_length",
         )
+        # A cache is never read in training, and with one transformers would not see the
+        # rows' boundaries in the positions.
+        model.config.use_cache = False
     if spec.distributed == "fsdp" and not torch.cuda.is_available():
         trainer_class = _sharded_on_cpu(trainer_class)
     trainer = trainer_class(
@@ -564,7 +593,9 @@ def train_lora(
         callbacks=callbacks,
         **extra,
     )
+    steps_started = time.monotonic()
     output = trainer.train(resume_from_checkpoint=spec.resume_from)
+    steps_seconds = time.monotonic() - steps_started
     state = trainer.state
     stopped_early = state.global_step < state.max_steps
 
@@ -593,4 +624,5 @@ def train_lora(
         trained_tokens=int(getattr(state, "num_input_tokens_seen", 0) or 0),
         seconds=time.monotonic() - started,
         kept_ranks=kept_ranks,
+        steps_seconds=round(steps_seconds, 2),
     )

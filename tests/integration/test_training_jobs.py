@@ -58,6 +58,18 @@ def test_upload_train_and_generate(service: Service, tiny_model: str) -> None:
         "job.evaluated",
         "job.succeeded",
     ]
+    # Where the time went, stage by stage, in the order they ran.
+    succeeded = service.events(job["id"])[-1]
+    phases = succeeded["data"]["phases"]
+    assert list(phases) == [
+        "validate",
+        "model_load_and_save",
+        "training_steps",
+        "evaluate",
+        "publish",
+    ]
+    assert all(seconds >= 0 for seconds in phases.values()) and phases["training_steps"] > 0
+    assert "Beyond the training steps" in succeeded["message"]
 
     # The adapter is standard PEFT on disk, and training moved it away from its zero init.
     from app.adapters.models import Adapter
