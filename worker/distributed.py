@@ -268,8 +268,13 @@ def _rank_callback(run_dir: Path) -> Any:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 return
-            self.examples += int(input_ids.shape[0])
             mask = kwargs.get("attention_mask")
+            positions = kwargs.get("position_ids")
+            if mask is None and positions is not None:
+                # A padding-free batch: its rows end to end in one sequence, each from 0.
+                self.examples += int((positions == 0).sum())
+            else:
+                self.examples += int(input_ids.shape[0])
             self.tokens += int(mask.sum()) if mask is not None else int(input_ids.numel())
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
