@@ -122,6 +122,32 @@ def resolve_hyperparameters(
     )
 
 
+def _fit_question(
+    job: Job,
+    settings: Settings,
+    hyperparameters: TrainingHyperparameters,
+    *,
+    rows: int,
+    max_row_tokens: int,
+    device: Device | None,
+) -> dict[str, Any] | None:
+    """The arguments app/jobs/memory.py's fit questions take for this job's largest batch on
+    this worker's device (or TUNESERVE_DEVICE_MEMORY_BYTES); None when its memory is unknown."""
+    memory = settings.device_memory_bytes or (device.memory_bytes if device else None)
+    if memory is None:
+        return None
+    return {
+        "facts": model_facts(settings, get_base_model(settings, job.base_model)),
+        "lora": job.lora,
+        "batch": min(hyperparameters.batch_size, rows),
+        "seq": min(hyperparameters.max_seq_length, max_row_tokens),
+        "device_bytes": memory,
+        "accelerator": device.accelerator_class if device else "cpu",
+        "sequences_per_row": Method.model_validate(job.method or {}).sequences_per_row,
+        "quantization": job.quantization,
+    }
+
+
 def needs_checkpointing(
     job: Job,
     settings: Settings,
@@ -132,23 +158,12 @@ def needs_checkpointing(
     device: Device | None,
     shards: int = 1,
 ) -> bool:
-    """Whether the job fits this worker's device (or TUNESERVE_DEVICE_MEMORY_BYTES) only with
-    activation checkpointing: its largest batch does not fit without."""
-    memory = settings.device_memory_bytes or (device.memory_bytes if device else None)
-    if memory is None:
-        return False
-    facts = model_facts(settings, get_base_model(settings, job.base_model))
-    return checkpointing_needed(
-        facts,
-        job.lora,
-        batch=min(hyperparameters.batch_size, rows),
-        seq=min(hyperparameters.max_seq_length, max_row_tokens),
-        device_bytes=memory,
-        accelerator=device.accelerator_class if device else "cpu",
-        sequences_per_row=Method.model_validate(job.method or {}).sequences_per_row,
-        quantization=job.quantization,
-        shards=shards,
+    """Whether the job fits this worker's device only with activation checkpointing: its
+    largest batch does not fit without."""
+    question = _fit_question(
+        job, settings, hyperparameters, rows=rows, max_row_tokens=max_row_tokens, device=device
     )
+    return question is not None and checkpointing_needed(**question, shards=shards)
 
 
 def needs_sharding(
@@ -164,22 +179,12 @@ def needs_sharding(
     """Whether a job that names no `distributed` fits this worker's devices only with its base
     model sharded over the `world_size` ranks (FSDP): as the plan decides, with this worker's
     own device memory."""
-    memory = settings.device_memory_bytes or (device.memory_bytes if device else None)
     if job.distributed is not None or device is None:
         return False
-    facts = model_facts(settings, get_base_model(settings, job.base_model))
-    chosen = choose_distributed(
-        facts,
-        job.lora,
-        batch=min(hyperparameters.batch_size, rows),
-        seq=min(hyperparameters.max_seq_length, max_row_tokens),
-        device_bytes=memory,
-        shards=world_size,
-        accelerator=device.accelerator_class,
-        sequences_per_row=Method.model_validate(job.method or {}).sequences_per_row,
-        quantization=job.quantization,
+    question = _fit_question(
+        job, settings, hyperparameters, rows=rows, max_row_tokens=max_row_tokens, device=device
     )
-    return chosen is not None
+    return question is not None and choose_distributed(**question, shards=world_size) is not None
 
 
 def prepare_datasets(
