@@ -1,7 +1,8 @@
 """Score a trained adapter against its base model: the loss both get on rows the adapter was
 not trained on (the same tokens the training learned: assistant turns, completions), and a few
-answers of both, side by side. A plain function of (model, adapter, rows); the runner stores
-what it returns as the job's `evaluation`.
+answers of both, side by side. A plain function of (model, rows): a single-process run hands
+over the model it has just trained (worker/training.py), others load the saved adapter again
+(evaluate_saved); the job stores what it returns as its `evaluation`.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def _precision(bf16: bool, device: Any) -> contextlib.AbstractContextManager[Any
 
 def mean_loss(model: Any, tokenizer: Any, records: list[dict[str, Any]], bf16: bool) -> float:
     """Mean cross-entropy over every trained token of records (token-weighted)."""
-    losses = row_losses(model, tokenizer, records, bf16)
+    return token_mean(row_losses(model, tokenizer, records, bf16))
+
+
+def token_mean(losses: list[tuple[float, int]]) -> float:
     return sum(total for total, _count in losses) / max(sum(n for _total, n in losses), 1)
 
 
@@ -91,49 +95,86 @@ def preference_accuracy(
     return wins / max(len(records), 1)
 
 
+MAX_BATCH_TOKENS = 512  # tokens of rows laid end to end in one forward pass (fastest on CPU)
+
+
 def row_losses(
     model: Any, tokenizer: Any, records: list[dict[str, Any]], bf16: bool
 ) -> list[tuple[float, int]]:
-    """(summed cross-entropy, trained tokens) of each record."""
+    """(summed cross-entropy, trained tokens) of each record.
+
+    Rows go end to end in one sequence per forward pass, each with its own positions and no
+    padding (with no cache, transformers masks attention block by block from the positions, as
+    in padding-free training), and the LM head projects only the positions whose next token is
+    trained: the prompt's and the user's tokens cost no vocabulary-wide logits."""
     import torch
 
     device = next(model.parameters()).device
-    found: list[tuple[float, int]] = []
     examples = [token_mask(tokenizer, record) for record in records]
-    for start in range(0, len(examples), BATCH_ROWS):
-        batch = examples[start : start + BATCH_ROWS]
-        width = max(len(ids) for ids, _mask in batch)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for row, (ids, mask) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention[row, : len(ids)] = 1
-            labels[row, : len(ids)] = torch.tensor(
-                [token if trained else -100 for token, trained in zip(ids, mask, strict=True)]
+    found: list[tuple[float, int]] = []
+    for batch in _token_batches([len(ids) for ids, _mask in examples], MAX_BATCH_TOKENS):
+        input_ids: list[int] = []
+        positions: list[int] = []
+        kept: list[int] = []  # positions in the sequence whose next token is trained
+        targets: list[int] = []
+        owners: list[int] = []  # the batch row of each kept position
+        for row, (ids, mask) in enumerate(examples[index] for index in batch):
+            offset = len(input_ids)
+            input_ids += ids
+            positions += range(len(ids))
+            for position in range(len(ids) - 1):
+                if mask[position + 1]:
+                    kept.append(offset + position)
+                    targets.append(ids[position + 1])
+                    owners.append(row)
+        sums = torch.zeros(len(batch), dtype=torch.float64)
+        if kept:
+            with torch.no_grad(), _precision(bf16, device):
+                logits = (
+                    model(
+                        input_ids=torch.tensor([input_ids], device=device),
+                        position_ids=torch.tensor([positions], device=device),
+                        use_cache=False,
+                        logits_to_keep=torch.tensor(kept, device=device),
+                    )
+                    .logits[0]
+                    .float()
+                )
+            losses = torch.nn.functional.cross_entropy(
+                logits, torch.tensor(targets, device=device), reduction="none"
             )
-        with torch.no_grad(), _precision(bf16, device):
-            logits = model(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device)
-            ).logits.float()
-        shifted = labels[:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), shifted, ignore_index=-100, reduction="none"
-        )
-        for row in range(len(batch)):
-            found.append((float(losses[row].sum()), int((shifted[row] != -100).sum())))
+            sums.index_add_(0, torch.tensor(owners), losses.cpu().double())
+        counts = torch.bincount(torch.tensor(owners, dtype=torch.long), minlength=len(batch))
+        found += [(float(sums[row]), int(counts[row])) for row in range(len(batch))]
     return found
 
 
-def answers(
-    model: Any, tokenizer: Any, prompts: list[SamplePrompt], max_new_tokens: int, bf16: bool
+def _token_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive indices of rows, grouped so that each group's rows together hold at most
+    max_tokens tokens (a longer row goes alone)."""
+    batches: list[list[int]] = []
+    total = 0
+    for index, length in enumerate(lengths):
+        if batches and total + length <= max_tokens:
+            batches[-1].append(index)
+            total += length
+        else:
+            batches.append([index])
+            total = length
+    return batches
+
+
+def _generated(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[SamplePrompt],
+    max_new_tokens: int,
+    bf16: bool,
+    **peft: Any,
 ) -> list[str]:
     """Greedy answers to prompts, in one left-padded batch."""
     import torch
 
-    if not prompts:
-        return []
     device = next(model.parameters()).device
     width = max(len(prompt.input_ids) for prompt in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -149,10 +190,58 @@ def answers(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
+            use_cache=True,  # a model fresh from training has its cache turned off
+            **peft,
         )
     return [
         tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output.tolist()
     ]
+
+
+def answers(
+    model: Any, tokenizer: Any, prompts: list[SamplePrompt], max_new_tokens: int, bf16: bool
+) -> list[str]:
+    """Greedy answers to prompts of the model as it is (with its adapter on or off)."""
+    if not prompts:
+        return []
+    return _generated(model, tokenizer, prompts, max_new_tokens, bf16)
+
+
+def answers_of_both(
+    model: Any, tokenizer: Any, prompts: list[SamplePrompt], max_new_tokens: int, bf16: bool
+) -> tuple[list[str], list[str]]:
+    """(the adapter's, the base model's) greedy answers to prompts. Where PEFT runs adapters
+    and the bare base side by side in one batch (plain LoRA), both come from one generation: a
+    decoding step of twice the rows costs little more on a CPU than one of the rows alone."""
+    if not prompts:
+        return [], []
+    if _mixed_batches(model):
+        both = _generated(
+            model,
+            tokenizer,
+            prompts + prompts,
+            max_new_tokens,
+            bf16,
+            adapter_names=[model.active_adapter] * len(prompts) + ["__base__"] * len(prompts),
+        )
+        return both[: len(prompts)], both[len(prompts) :]
+    adapter = answers(model, tokenizer, prompts, max_new_tokens, bf16)
+    with model.disable_adapter():
+        return adapter, answers(model, tokenizer, prompts, max_new_tokens, bf16)
+
+
+def _mixed_batches(model: Any) -> bool:
+    """Whether PEFT takes rows of the adapter and of the base model in one batch: LoRA layers
+    only (not DoRA, not AdaLoRA's), unmerged, in inference mode."""
+    from peft import LoraConfig, PeftType
+
+    config = model.peft_config.get(model.active_adapter)
+    return (
+        isinstance(config, LoraConfig)
+        and config.peft_type is PeftType.LORA
+        and not config.use_dora
+        and not model.training
+    )
 
 
 def with_adapter(
@@ -197,53 +286,101 @@ def _losses(base_loss: float, adapter_loss: float) -> dict[str, float]:
     }
 
 
-def evaluate_adapter(
+@dataclass(frozen=True)
+class EvaluationTask:
+    """What a job's evaluation scores, and how: everything but the model."""
+
+    records: list[dict[str, Any]]  # the rows scored, not trained on where the data allowed
+    split: Split
+    samples: int  # answers of each side kept to show
+    bf16: bool
+    scorer: bool = False  # a reward model: it ranks preference pairs, it does not write
+    reinforcement: ReinforcementSettings | None = None
+    reward_models: RewardModels | None = None
+
+
+def evaluate(
+    tokenizer: Any,
+    model: Any,
+    task: EvaluationTask,
+    *,
+    adapter_losses: list[tuple[float, int]] | None = None,
+) -> dict[str, Any]:
+    """The job's `evaluation` (app/jobs/schemas.py Evaluation) of model, a PEFT model whose
+    adapter is the one trained: in memory right after training, or loaded (evaluate_saved).
+    adapter_losses: the adapter's row_losses on task.records when already known."""
+    started = time.monotonic()
+    model.eval()
+    if task.reinforcement is not None:
+        assert task.reward_models is not None
+        found = _reinforcement(tokenizer, model, task, task.reinforcement, task.reward_models)
+    elif task.scorer:
+        found = _reward_model(tokenizer, model, task)
+    else:
+        found = _supervised(tokenizer, model, task, adapter_losses)
+    return {**found, "seconds": round(time.monotonic() - started, 2)}
+
+
+def evaluate_saved(
     model_location: str,
     adapter_dir: Path,
-    records: list[dict[str, Any]],
-    *,
-    split: Split,
-    samples: int,
-    bf16: bool,
+    task: EvaluationTask,
     model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The job's `evaluation` (app/jobs/schemas.py Evaluation) for the adapter in adapter_dir."""
+    """evaluate() of the adapter in adapter_dir, loaded on its base model (in full precision,
+    as the inference engine serves it)."""
     started = time.monotonic()
+    tokenizer, model = with_adapter(
+        model_location, adapter_dir, model_kwargs or {}, scorer=task.scorer
+    )
+    return {**evaluate(tokenizer, model, task), "seconds": round(time.monotonic() - started, 2)}
+
+
+def _supervised(
+    tokenizer: Any,
+    model: Any,
+    task: EvaluationTask,
+    adapter_losses: list[tuple[float, int]] | None,
+) -> dict[str, Any]:
+    """Losses of base and adapter on the rows' trained tokens, and greedy answers of both."""
+    records = task.records
     pairs = records if records and "chosen" in records[0] else None
     if pairs is not None:  # preference rows: losses and samples on the chosen answers
         records = [one_side(record, "chosen") for record in pairs]
-    tokenizer, model = with_adapter(model_location, adapter_dir, model_kwargs or {})
+        adapter_losses = None
 
-    prompts = [p for p in (sample_prompt(tokenizer, r) for r in records) if p][:samples]
+    prompts = [p for p in (sample_prompt(tokenizer, r) for r in records) if p][: task.samples]
     longest = max(
         (len(tokenizer(p.reference)["input_ids"]) for p in prompts if p.reference), default=32
     )
     max_new_tokens = min(MAX_SAMPLE_TOKENS, longest + 8)
 
-    adapter_loss = mean_loss(model, tokenizer, records, bf16)
-    adapter_answers = answers(model, tokenizer, prompts, max_new_tokens, bf16)
+    if adapter_losses is None:
+        adapter_losses = row_losses(model, tokenizer, records, task.bf16)
+    adapter_loss = token_mean(adapter_losses)
+    adapter_answers, base_answers = answers_of_both(
+        model, tokenizer, prompts, max_new_tokens, task.bf16
+    )
     preference: dict[str, float] = {}
     if pairs is not None:
         preference["adapter_preference_accuracy"] = preference_accuracy(
-            model, tokenizer, pairs, bf16
+            model, tokenizer, pairs, task.bf16
         )
     with model.disable_adapter():
-        base_loss = mean_loss(model, tokenizer, records, bf16)
-        base_answers = answers(model, tokenizer, prompts, max_new_tokens, bf16)
+        base_loss = mean_loss(model, tokenizer, records, task.bf16)
         if pairs is not None:
             preference["base_preference_accuracy"] = preference_accuracy(
-                model, tokenizer, pairs, bf16
+                model, tokenizer, pairs, task.bf16
             )
     return {
         **{key: round(value, 6) for key, value in preference.items()},
-        "split": split,
+        "split": task.split,
         "rows": len(records),
         **_losses(base_loss, adapter_loss),
         "samples": [
             {"prompt": p.shown, "reference": p.reference, "base": b, "adapter": a}
             for p, b, a in zip(prompts, base_answers, adapter_answers, strict=True)
         ],
-        "seconds": round(time.monotonic() - started, 2),
     }
 
 
@@ -285,71 +422,56 @@ def _ranking(
     return accuracy, loss
 
 
-def evaluate_reward_model(
-    model_location: str,
-    adapter_dir: Path,
-    pairs: list[dict[str, Any]],
-    *,
-    split: Split,
-    bf16: bool,
-    model_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """A reward model's `evaluation`: how often it scores the chosen answer above the rejected
-    one (and its pairwise loss), against the untrained head on the same base model."""
-    started = time.monotonic()
-    tokenizer, model = with_adapter(model_location, adapter_dir, model_kwargs or {}, scorer=True)
-    adapter_accuracy, adapter_loss = _ranking(model, tokenizer, pairs, bf16)
+def _reward_model(tokenizer: Any, model: Any, task: EvaluationTask) -> dict[str, Any]:
+    """How often a reward model scores the chosen answer above the rejected one (and its
+    pairwise loss), against the untrained head on the same base model."""
+    adapter_accuracy, adapter_loss = _ranking(model, tokenizer, task.records, task.bf16)
     with model.disable_adapter():  # the base model with its new, untrained head
-        base_accuracy, base_loss = _ranking(model, tokenizer, pairs, bf16)
+        base_accuracy, base_loss = _ranking(model, tokenizer, task.records, task.bf16)
     return {
-        "split": split,
-        "rows": len(pairs),
+        "split": task.split,
+        "rows": len(task.records),
         **_losses(base_loss, adapter_loss),
         "base_preference_accuracy": round(base_accuracy, 6),
         "adapter_preference_accuracy": round(adapter_accuracy, 6),
         "samples": [],
-        "seconds": round(time.monotonic() - started, 2),
     }
 
 
-def evaluate_reinforcement(
-    model_location: str,
-    adapter_dir: Path,
-    records: list[dict[str, Any]],
-    *,
-    split: Split,
-    samples: int,
-    bf16: bool,
+def _reinforcement(
+    tokenizer: Any,
+    model: Any,
+    task: EvaluationTask,
     reinforcement: ReinforcementSettings,
     reward_models: RewardModels,
-    model_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A reinforcement job's `evaluation`: the grader's mean reward of the greedy answers the
-    base model and the adapter write to prompts the adapter was not trained on."""
-    started = time.monotonic()
-    tokenizer, model = with_adapter(model_location, adapter_dir, model_kwargs or {})
-    prompts = [p for p in (sample_prompt(tokenizer, r) for r in records) if p]
-    items = [record["item"] for record in records]
+    """The grader's mean reward of the greedy answers the base model and the adapter write to
+    prompts the adapter was not trained on."""
+    prompts = [p for p in (sample_prompt(tokenizer, r) for r in task.records) if p]
+    items = [record["item"] for record in task.records]
     length = reinforcement.max_completion_length
+    adapter_answers: list[str] = []
+    base_answers: list[str] = []
+    for start in range(0, len(prompts), BATCH_ROWS):
+        adapter, base = answers_of_both(
+            model, tokenizer, prompts[start : start + BATCH_ROWS], length, task.bf16
+        )
+        adapter_answers += adapter
+        base_answers += base
 
-    def mean_reward() -> tuple[float, list[str]]:
-        written: list[str] = []
-        for start in range(0, len(prompts), BATCH_ROWS):
-            written += answers(model, tokenizer, prompts[start : start + BATCH_ROWS], length, bf16)
+    def mean_reward(written: list[str]) -> float:
         rewards = grade(reinforcement.grader, items, written, reward_model_scorer=reward_models)
-        return sum(rewards) / max(len(rewards), 1), written
+        return sum(rewards) / max(len(rewards), 1)
 
-    adapter_reward, adapter_answers = mean_reward()
-    with model.disable_adapter():
-        base_reward, base_answers = mean_reward()
     return {
-        "split": split,
-        "rows": len(records),
-        "base_mean_reward": round(base_reward, 6),
-        "adapter_mean_reward": round(adapter_reward, 6),
+        "split": task.split,
+        "rows": len(task.records),
+        "base_mean_reward": round(mean_reward(base_answers), 6),
+        "adapter_mean_reward": round(mean_reward(adapter_answers), 6),
         "samples": [
             {"prompt": p.shown, "reference": None, "base": b, "adapter": a}
-            for p, b, a in list(zip(prompts, base_answers, adapter_answers, strict=True))[:samples]
+            for p, b, a in list(zip(prompts, base_answers, adapter_answers, strict=True))[
+                : task.samples
+            ]
         ],
-        "seconds": round(time.monotonic() - started, 2),
     }

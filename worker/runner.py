@@ -186,9 +186,7 @@ def _run_claimed(context: JobContext) -> None:
     with context.timed("train"):
         trained = stages.train(context, validated)
     with context.timed("evaluate"):
-        evaluation = stages.evaluate(
-            context, validated.prepared, validated.location, bf16=validated.bf16
-        )
+        evaluation = stages.evaluate_saved_adapter(context, validated, trained)
     context.check_stop()
     with context.timed("publish"):
         adapter = stages.publish(context, validated, trained, evaluation)

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,17 +36,21 @@ from app.storage import artifact_store
 from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
 from worker.datasets import PreparedDatasets, prepare_datasets
 from worker.distributed import node_processes, run_distributed
-from worker.evaluation import (
-    evaluate_adapter,
-    evaluate_reinforcement,
-    evaluate_reward_model,
-)
+from worker.evaluation import EvaluationTask, evaluate, evaluate_saved
 from worker.heartbeat import Heartbeat
 from worker.model_card import manifest, write_model_card
 from worker.progress import ProgressWriter
 from worker.rewards import RewardModels
 from worker.sql import with_retries
-from worker.training import Checkpoint, TrainingHooks, TrainingResult, TrainingSpec, train_lora
+from worker.training import (
+    Checkpoint,
+    EvaluateTrained,
+    RowLosses,
+    TrainingHooks,
+    TrainingResult,
+    TrainingSpec,
+    train_lora,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +117,8 @@ class Trained:
     result: TrainingResult
     progress: dict[str, Any]  # the last progress the writer reported
     resumed: bool
+    # The training process evaluated the model in memory (result.evaluation: its outcome).
+    evaluated_in_memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -289,6 +295,7 @@ def train(context: JobContext, validated: Validated) -> Trained:
         should_stop=heartbeat.stop_requested.is_set,
         checkpoint_before_stop=lambda: heartbeat.reason == "shutdown",
         on_checkpoint=on_checkpoint,
+        evaluate_trained=evaluated_in_memory(context, validated),
     )
     train_rows, eval_rows = prepared.train_records, prepared.eval_records
     if validated.processes > 1:
@@ -318,7 +325,12 @@ def train(context: JobContext, validated: Validated) -> Trained:
             f"rank-{max(max(ranks), 1)} LoRA it equals.",
             kept_ranks=result.kept_ranks,
         )
-    return Trained(result, writer.progress, resumed=resume_from is not None)
+    return Trained(
+        result,
+        writer.progress,
+        resumed=resume_from is not None,
+        evaluated_in_memory=hooks.evaluate_trained is not None,
+    )
 
 
 def reward_models_here(context: JobContext, method: Method) -> dict[str, str]:
@@ -345,40 +357,87 @@ def reward_models_here(context: JobContext, method: Method) -> dict[str, str]:
     return here
 
 
-def evaluate(
-    context: JobContext, prepared: PreparedDatasets, location: str, bf16: bool
-) -> dict[str, Any] | None:
-    """Base model against adapter on the rows prepare_datasets set aside (worker/evaluation.py).
-    A failure here is reported and leaves the job without an evaluation; the adapter stands."""
-    settings, job_id, scored = context.settings, context.job.id, prepared.scored
+def evaluation_task(context: JobContext, validated: Validated) -> EvaluationTask | None:
+    """What the job's evaluation scores (the rows prepare_datasets set aside); None when the
+    operator turned it off or there is nothing to score."""
+    settings, prepared, scored = context.settings, validated.prepared, validated.prepared.scored
     if settings.auto_eval_rows == 0 or not scored.scored:
         return None
+    method = Method.model_validate(context.job.method or {})
+    reward_models = None
+    if method.reinforcement is not None:
+        reward_models = RewardModels(
+            validated.location,
+            reward_models_here(context, method),
+            prepared.model_kwargs,
+            validated.bf16,
+        )
+    return EvaluationTask(
+        records=scored.scored,
+        split=scored.split,
+        samples=settings.auto_eval_samples,
+        bf16=validated.bf16,
+        scorer=method.type is MethodType.REWARD_MODEL,
+        reinforcement=method.reinforcement,
+        reward_models=reward_models,
+    )
+
+
+def evaluated_in_memory(context: JobContext, validated: Validated) -> EvaluateTrained | None:
+    """The job's evaluation run by the training process on the model it has just trained, not
+    on one loaded again: on single-process runs of an unquantized base (a quantized one is
+    evaluated on the full-precision base it is served on)."""
+    task = evaluation_task(context, validated)
+    if task is None or validated.processes > 1 or context.job.quantization is not None:
+        return None
+
+    def run(model: Any, tokenizer: Any, eval_losses: RowLosses | None) -> dict[str, Any] | None:
+        # A validation set's first rows are the ones scored: the adapter's losses on them are
+        # known when the run has just scored the whole set.
+        known = eval_losses if task.split == "validation" else None
+        adapter_losses = known[: len(task.records)] if known is not None else None
+        return _scored(
+            context,
+            task,
+            lambda: evaluate(tokenizer, model, task, adapter_losses=adapter_losses),
+        )
+
+    return run
+
+
+def evaluate_saved_adapter(
+    context: JobContext, validated: Validated, trained: Trained
+) -> dict[str, Any] | None:
+    """The job's evaluation of the saved adapter, loaded again, where the training process did
+    not evaluate it in memory (worker/evaluation.py). A failure is reported and leaves the job
+    without an evaluation; the adapter stands."""
+    if trained.evaluated_in_memory:
+        return trained.result.evaluation
+    task = evaluation_task(context, validated)
+    if task is None:
+        return None
+    adapter_dir = context.workdir / "adapter"
+    return _scored(
+        context,
+        task,
+        lambda: evaluate_saved(
+            validated.location, adapter_dir, task, validated.prepared.model_kwargs
+        ),
+    )
+
+
+def _scored(
+    context: JobContext, task: EvaluationTask, run: Callable[[], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """run() with the job's evaluation events around it; None when it fails."""
+    job_id = context.job.id
     event(
         job_id,
         "job.evaluating",
-        f"Evaluating: base model against adapter on {len(scored.scored)} {scored.split} rows.",
+        f"Evaluating: base model against adapter on {len(task.records)} {task.split} rows.",
     )
     try:
-        method = Method.model_validate(context.job.method or {})
-        rows = (location, context.workdir / "adapter", scored.scored)
-        common: dict[str, Any] = {
-            "split": scored.split,
-            "bf16": bf16,
-            "model_kwargs": prepared.model_kwargs,
-        }
-        if method.reinforcement is not None:
-            reward_models = reward_models_here(context, method)
-            evaluation = evaluate_reinforcement(
-                *rows,
-                **common,
-                samples=settings.auto_eval_samples,
-                reinforcement=method.reinforcement,
-                reward_models=RewardModels(location, reward_models, prepared.model_kwargs, bf16),
-            )
-        elif method.type is MethodType.REWARD_MODEL:
-            evaluation = evaluate_reward_model(*rows, **common)
-        else:
-            evaluation = evaluate_adapter(*rows, **common, samples=settings.auto_eval_samples)
+        evaluation = run()
     except Exception as exc:
         logger.exception("job %s: the automatic evaluation failed", job_id)
         event(
@@ -532,18 +591,21 @@ def finish(
 
 def _phases(timed: dict[str, float], result: TrainingResult) -> dict[str, float]:
     """Where the job's time went since it was claimed: the stages as timed, the train stage
-    split into its training steps and the rest (loading the model, building the trainer,
-    saving the adapter)."""
+    split into its training steps, the evaluation of the model in memory (when the training
+    process ran it), and the rest (loading the model, building the trainer, saving the
+    adapter)."""
     phases = dict(timed)
     train = phases.pop("train", None)
     if train is None:
         return phases
     steps = min(result.steps_seconds, train)
+    evaluating = min(result.evaluation_seconds, train - steps)
     ordered: dict[str, float] = {}
     for name, seconds in phases.items():
         if name == "evaluate":
-            ordered["model_load_and_save"] = round(train - steps, 2)
+            ordered["model_load_and_save"] = round(train - steps - evaluating, 2)
             ordered["training_steps"] = round(steps, 2)
+            seconds = round(seconds + evaluating, 2)
         ordered[name] = seconds
     return ordered
 

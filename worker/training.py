@@ -10,7 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,10 @@ class ProgressUpdate:
     reward_std: float | None = None
 
 
+RowLosses = list[tuple[float, int]]  # (summed loss, trained tokens) of each row
+EvaluateTrained = Callable[[Any, Any, RowLosses | None], dict[str, Any] | None]
+
+
 @dataclass
 class TrainingHooks:
     """How the pipeline reports to its caller and learns that it should stop."""
@@ -104,6 +108,11 @@ class TrainingHooks:
     # Asked when stopping: save a checkpoint first (a worker shutting down hands the job back).
     checkpoint_before_stop: Callable[[], bool] = lambda: False
     on_checkpoint: Callable[[Checkpoint], None] = lambda _checkpoint: None
+    # Given, a single-process run hands over the model it has trained, in memory, with its
+    # tokenizer (the job's evaluation, worker/evaluation.py): what it returns is the result's
+    # `evaluation`. The third argument: the adapter's row losses on the eval rows, when the run
+    # scored them itself in place of the Trainer's last evaluation (supervised runs).
+    evaluate_trained: EvaluateTrained | None = None
 
 
 @dataclass(frozen=True)
@@ -119,9 +128,16 @@ class TrainingResult:
     kept_ranks: dict[str, int] | None = None
     # Of `seconds`, those of trainer.train(): the steps (and evals between epochs).
     steps_seconds: float = 0.0
+    # What hooks.evaluate_trained returned, and the seconds the evaluation took (with the eval
+    # rows' losses it scored in place of the Trainer's last evaluation), of `seconds`.
+    evaluation: dict[str, Any] | None = None
+    evaluation_seconds: float = 0.0
 
 
-def _make_callback(spec: TrainingSpec, hooks: TrainingHooks) -> Any:
+def _make_callback(spec: TrainingSpec, hooks: TrainingHooks, last_eval_here: bool) -> Any:
+    """The run's reporter. With last_eval_here, the Trainer does not evaluate after the last
+    step: train_lora scores the eval rows itself, with the model in memory, and reports the
+    loss through report_eval_loss."""
     from transformers import TrainerCallback
 
     class ReportingCallback(TrainerCallback):
@@ -133,6 +149,13 @@ def _make_callback(spec: TrainingSpec, hooks: TrainingHooks) -> Any:
             self.last_loss: float | None = None
             self.first_step = 0
             self.first_tokens = 0
+            self.last_update: ProgressUpdate | None = None
+
+        def report_eval_loss(self, loss: float) -> None:
+            if self.last_update is not None:
+                hooks.on_progress(
+                    replace(self.last_update, train_loss=None, learning_rate=None, eval_loss=loss)
+                )
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
             # Time from the first step on: model loading and tokenizing are not training speed.
@@ -145,8 +168,14 @@ def _make_callback(spec: TrainingSpec, hooks: TrainingHooks) -> Any:
             if hooks.should_stop():
                 control.should_training_stop = True
                 control.should_save = hooks.checkpoint_before_stop()
+            elif state.global_step >= state.max_steps:
+                self.on_epoch_end(args, state, control)
             elif time.monotonic() - self.last_saved >= spec.checkpoint_every_minutes * 60:
                 control.should_save = True
+
+        def on_epoch_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
+            if last_eval_here and state.global_step >= state.max_steps:
+                control.should_evaluate = False
 
         def on_save(self, args: Any, state: Any, control: Any, **_: Any) -> None:  # noqa: ARG002
             self.last_saved = time.monotonic()
@@ -170,20 +199,19 @@ def _make_callback(spec: TrainingSpec, hooks: TrainingHooks) -> Any:
             tokens = (getattr(state, "num_input_tokens_seen", 0) or 0) - self.first_tokens
             done = step - self.first_step
             eta = (total - step) * elapsed / done if done > 0 else None
-            hooks.on_progress(
-                ProgressUpdate(
-                    step=step,
-                    total_steps=total,
-                    epoch=float(state.epoch or 0.0),
-                    train_loss=self.last_loss if "loss" in logs else None,
-                    learning_rate=float(logs["learning_rate"]) if "learning_rate" in logs else None,
-                    tokens_per_second=tokens / elapsed if tokens else None,
-                    eta_seconds=eta,
-                    eval_loss=float(logs["eval_loss"]) if "eval_loss" in logs else None,
-                    reward_mean=float(logs["reward"]) if "reward" in logs else None,
-                    reward_std=float(logs["reward_std"]) if "reward_std" in logs else None,
-                )
+            self.last_update = ProgressUpdate(
+                step=step,
+                total_steps=total,
+                epoch=float(state.epoch or 0.0),
+                train_loss=self.last_loss if "loss" in logs else None,
+                learning_rate=float(logs["learning_rate"]) if "learning_rate" in logs else None,
+                tokens_per_second=tokens / elapsed if tokens else None,
+                eta_seconds=eta,
+                eval_loss=float(logs["eval_loss"]) if "eval_loss" in logs else None,
+                reward_mean=float(logs["reward"]) if "reward" in logs else None,
+                reward_std=float(logs["reward_std"]) if "reward_std" in logs else None,
             )
+            hooks.on_progress(self.last_update)
 
     return ReportingCallback()
 
@@ -511,7 +539,12 @@ def train_lora(
         **(_fsdp_arguments(model, spec) if spec.distributed == "fsdp" else {}),
     }
     lora_config = None
-    callbacks = [_make_callback(spec, hooks), *(extra_callbacks or [])]
+    supervised = reinforcement is None and not preference and not scorer
+    # The Trainer's evaluation after the last step would score the eval rows just as the job's
+    # evaluation does right after: a supervised run handing its model over scores them once.
+    last_eval_here = hooks.evaluate_trained is not None and supervised and eval_dataset is not None
+    reporter = _make_callback(spec, hooks, last_eval_here)
+    callbacks = [reporter, *(extra_callbacks or [])]
     if spec.start_from is not None:
         # The parent's weights and config, trainable: the run goes on from where it ended (DPO's
         # reference is then a frozen copy of the parent, not the base model).
@@ -558,7 +591,7 @@ def train_lora(
     elif spec.method.dpo is not None:
         trainer_class = DPOTrainer
         args = DPOConfig(**common, **_preference_loss(spec.method.dpo))
-    else:
+    else:  # supervised
         trainer_class = SFTTrainer
         unpadded = {
             # Rows come cut to max_seq_length (trained_tokens): padding-free batches take them
@@ -615,6 +648,18 @@ def train_lora(
         tokenizer.save_pretrained(str(adapter_dir))
         if spec.lora.type is LoraType.ADALORA and spec.start_from is None:
             kept_ranks = adalora.to_lora(adapter_dir)
+    evaluation, evaluation_started = None, time.monotonic()
+    if hooks.evaluate_trained is not None and not stopped_early:
+        eval_row_losses = None
+        if last_eval_here:
+            from worker.evaluation import row_losses, token_mean
+
+            trainer.model.eval()
+            eval_row_losses = row_losses(trainer.model, tokenizer, eval_records or [], spec.bf16)
+            eval_loss = token_mean(eval_row_losses)
+            reporter.report_eval_loss(eval_loss)
+        evaluation = hooks.evaluate_trained(trainer.model, tokenizer, eval_row_losses)
+    evaluation_seconds = time.monotonic() - evaluation_started
     return TrainingResult(
         steps=state.global_step,
         total_steps=state.max_steps,
@@ -625,4 +670,6 @@ def train_lora(
         seconds=time.monotonic() - started,
         kept_ranks=kept_ranks,
         steps_seconds=round(steps_seconds, 2),
+        evaluation=evaluation,
+        evaluation_seconds=round(evaluation_seconds, 2),
     )
