@@ -4,6 +4,7 @@ The broker only carries "run job X" messages; SQL holds all job state."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import Celery, signals
@@ -55,3 +56,22 @@ def _log_start(sender: str, instance: Any, **_: Any) -> None:
             broker = connection.as_uri()  # without the password
         queues = ", ".join(sorted(instance.app.amqp.queues))
         logger.info("worker %s consuming %s from %s", sender, queues, broker)
+
+
+# The libraries a job trains with, imported while the worker waits for its first job: about 5 s
+# here (torch, transformers, PEFT with bitsandbytes, TRL's trainers) that the first job would
+# otherwise spend before its first step. A job that comes sooner waits only for what is left
+# (Python's import lock).
+def _import_training_stack() -> None:
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        from trl import DPOTrainer, SFTTrainer  # type: ignore[attr-defined] # noqa: F401
+    except Exception:  # a job importing them fails with the real error, by name
+        logger.warning("could not import the training libraries ahead of jobs", exc_info=True)
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _warm_up(**_: Any) -> None:
+    threading.Thread(target=_import_training_stack, name="warm-up", daemon=True).start()

@@ -15,10 +15,8 @@ from app.jobs.models import JobEvent, JobStatus
 from app.settings import get_settings
 from tests.corpus import arithmetic_rows
 from tests.jobs_in_sql import insert_job
-from worker.datasets import PreparedDatasets
 from worker.evaluation import sample_prompt
-from worker.stages import JobContext
-from worker.stages import evaluate as _evaluate
+from worker.stages import JobContext, Trained, Validated, evaluate_saved_adapter
 
 
 def test_held_out_rows_start_at_fifty_rows_without_a_validation_set() -> None:
@@ -89,12 +87,19 @@ def test_a_failed_evaluation_is_reported_and_keeps_the_adapter(tmp_path: Path) -
             workdir=tmp_path,
         ),
     )
-    prepared = cast(
-        PreparedDatasets,
-        SimpleNamespace(scored=split_records(rows, None, seed=0, max_rows=32), model_kwargs={}),
+    validated = cast(
+        Validated,
+        SimpleNamespace(
+            prepared=SimpleNamespace(
+                scored=split_records(rows, None, seed=0, max_rows=32), model_kwargs={}
+            ),
+            # No model at that location: loading it fails inside the evaluation.
+            location=str(tmp_path / "no-model"),
+            bf16=False,
+        ),
     )
-    # No model at that location: loading it fails inside the evaluation.
-    assert _evaluate(context, prepared, str(tmp_path / "no-model"), bf16=False) is None
+    trained = cast(Trained, SimpleNamespace(evaluated_in_memory=False))
+    assert evaluate_saved_adapter(context, validated, trained) is None
     with unit_of_work() as session:
         events = session.scalars(
             select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.seq)
