@@ -23,7 +23,8 @@ def _loss_alone(model: Any, tokenizer: Any, record: dict[str, Any]) -> tuple[flo
     ids, mask = token_mask(tokenizer, record)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
-    targets = torch.tensor([token if kept else -100 for token, kept in zip(ids[1:], mask[1:])])
+    pairs = zip(ids[1:], mask[1:], strict=True)
+    targets = torch.tensor([token if kept else -100 for token, kept in pairs])
     loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
     return float(loss), int((targets != -100).sum())
 
