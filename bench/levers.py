@@ -13,6 +13,8 @@ last step's train loss and the mean, and the ratio of the lever's arm to the bas
 Levers:
 - padding_free: padded batches (rows of similar length, padded to the longest) against
   padding-free ones (a batch's rows end to end, attention kept within each row).
+- trained_positions_only: the LM head projecting every position (TRL's way off Triton
+  devices) against only the positions whose next token is learned (the assistant's).
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from children import in_child
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-LEVERS = {"padding_free": ({"padding_free": False}, {"padding_free": True})}
+LEVERS = {
+    "padding_free": ({"padding_free": False}, {"padding_free": True}),
+    "trained_positions_only": (
+        {"trained_positions_only": False},
+        {"trained_positions_only": True},
+    ),
+}
 
 
 def train_arm(rows: list[dict[str, Any]], overrides: dict[str, Any], bf16: bool) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class TrainingSpec:
     distributed: str | None = None
     # Supervised rows laid end to end, without padding (False: padded batches, for comparison).
     padding_free: bool = True
+    # The LM head projects only the positions whose next token is learned (False: every
+    # position, as TRL does on devices without Triton; for comparison).
+    trained_positions_only: bool = True
     checkpoint_every_steps: int = 50
     checkpoint_every_minutes: float = 10.0
     checkpoints_kept: int = 3
@@ -227,9 +231,10 @@ def trained_tokens(
 ) -> list[dict[str, Any]]:
     """Records as token ids with the loss mask, cut to max_length: for chat, only the assistant
     messages are learned; for prompt-completion, only the completion
-    (app/datasets/loss_mask.py). TRL's fused LM head then projects only those positions: the
-    loss costs nothing where nothing is learned. (A job's rows are never cut: the worker fails
-    a job whose rows are longer than max_seq_length before training.)"""
+    (app/datasets/loss_mask.py). The fused LM head then projects only those positions
+    (_lm_head_on_trained_positions): the loss costs nothing where nothing is learned. (A job's
+    rows are never cut: the worker fails a job whose rows are longer than max_seq_length
+    before training.)"""
     from app.datasets.loss_mask import token_mask
 
     examples = []
@@ -358,6 +363,27 @@ def _sharded_on_cpu(trainer_class: Any) -> Any:
 
     CpuShardedTrainer.__name__ = f"CpuSharded{trainer_class.__name__}"
     return CpuShardedTrainer
+
+
+@contextmanager
+def _lm_head_on_trained_positions(enabled: bool) -> Iterator[None]:
+    """SFTTrainer's fused LM head (TRL's add_fused_lm_head) projects the vocabulary only at the
+    positions whose next token is learned where Triton runs (CUDA, XPU), and at every position
+    elsewhere, so that devices compiling fixed tile shapes (Neuron) see one shape. On CPUs that
+    wastes the vocabulary-wide projection, and its backward, on every prompt and user token:
+    here it scores the learned positions everywhere (the same per-token log-probabilities)."""
+    from trl.trainer import utils
+
+    trl_utils: Any = utils  # its private switch, read by the fused forward alone
+    original = getattr(trl_utils, "_use_triton", None)
+    if not enabled or original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda _device: True
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 def _whole_adapter(model: Any) -> dict[str, Any]:
@@ -627,7 +653,8 @@ def train_lora(
         **extra,
     )
     steps_started = time.monotonic()
-    output = trainer.train(resume_from_checkpoint=spec.resume_from)
+    with _lm_head_on_trained_positions(spec.trained_positions_only and supervised):
+        output = trainer.train(resume_from_checkpoint=spec.resume_from)
     steps_seconds = time.monotonic() - steps_started
     state = trainer.state
     stopped_early = state.global_step < state.max_steps

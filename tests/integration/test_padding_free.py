@@ -1,6 +1,7 @@
 """Padding-free supervised batches (worker/training.py): a batch's rows laid end to end in one
 sequence, each with its own positions. Attention never crosses from one row into another, and
-training learns exactly what padded batches learn."""
+training learns exactly what padded batches learn. Likewise the LM head projecting only the
+positions whose next token is learned."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from app.jobs.schemas import Hyperparameters, LoraSpec, TrainingHyperparameters
 from tests.corpus import arithmetic_rows, person_rows
 from tests.fixtures.env import MODEL_CACHE
-from worker.training import TrainingSpec, train_lora, trained_tokens
+from worker.training import TrainingHooks, TrainingSpec, train_lora, trained_tokens
 
 
 def _lora_model(location: Path) -> Any:
@@ -120,3 +121,50 @@ def test_padding_free_training_learns_what_padded_batches_learn(
     for name, tensor in free_weights.items():
         torch.testing.assert_close(tensor, padded_weights[name], rtol=1e-3, atol=1e-4)
     assert free.trained_tokens == padded.trained_tokens  # non-padding tokens: the same rows
+
+
+def test_the_lm_head_on_trained_positions_only_learns_the_same(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    """Projecting the vocabulary at the learned positions only, or at every position: the same
+    loss at every step and the same adapter; and the run leaves TRL as it found it."""
+    from safetensors.torch import load_file
+    from trl.trainer import utils as trl_utils
+
+    original = trl_utils._use_triton
+    hp = TrainingHyperparameters.model_validate(
+        {
+            **Hyperparameters().model_dump(mode="json"),
+            "n_epochs": 1,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "max_seq_length": 128,
+        }
+    )
+    rows = person_rows(8, seed=6) + arithmetic_rows(4)  # long user turns, short answers
+    results = {}
+    for only in (False, True):
+        spec = TrainingSpec(
+            str(MODEL_CACHE / tiny_model),
+            hp,
+            LoraSpec(r=8, dropout=0.0),
+            trained_positions_only=only,
+        )
+        losses: list[float] = []
+        hooks = TrainingHooks(
+            on_progress=lambda update: (
+                losses.append(update.train_loss)  # noqa: B023
+                if update.train_loss is not None
+                else None
+            )
+        )
+        result = train_lora(spec, rows, None, tmp_path / str(only), hooks)
+        weights = load_file(tmp_path / str(only) / "adapter" / "adapter_model.safetensors")
+        results[only] = (result, losses, weights)
+        assert trl_utils._use_triton is original
+    (every, every_losses, every_weights) = results[False]
+    (only, only_losses, only_weights) = results[True]
+    assert every.steps == only.steps == 3 and len(only_losses) == 3
+    assert only_losses == pytest.approx(every_losses, rel=1e-4)
+    for name, tensor in only_weights.items():
+        torch.testing.assert_close(tensor, every_weights[name], rtol=1e-3, atol=1e-5)
