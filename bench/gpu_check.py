@@ -155,6 +155,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=2, help="left out of the timing")
     parser.add_argument("--levers", default=",".join(lever.key for lever in LEVERS))
     parser.add_argument("--model", type=Path, help="a local Hugging Face model directory")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="--model holds only config.json and tokenizer files: build the model from the "
+        "config with random weights (speed and memory as the real weights'; losses meaningless)",
+    )
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak dense bf16 TFLOP/s")
     parser.add_argument("--gen-tokens", type=int, help="max new tokens (128; CPU: 16)")
     parser.add_argument("--concurrent", type=int, help="requests at once (16; CPU: 4)")
@@ -166,7 +172,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.levers = [key for key in args.levers.split(",") if key]
     if unknown := set(args.levers) - known:
         parser.error(f"unknown levers {sorted(unknown)}; known: {sorted(known)}")
+    if args.random_weights and args.model is None:
+        parser.error("--random-weights builds the model of --model's config.json: name --model")
     return args
+
+
+def with_random_weights(config_dir: Path, workdir: Path) -> Path:
+    """A model directory with config_dir's config and tokenizer and random bf16 weights (for
+    a device the real weights cannot be brought to: speed and memory depend on the shapes)."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    target = workdir / "random-weights-model"
+    shutil.copytree(config_dir, target)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(config_dir), dtype=torch.bfloat16
+    )
+    model.save_pretrained(target)
+    log(f"random weights for {config_dir}'s config saved in {target}")
+    return target
 
 
 def peak_tflops(device_name: str, given: float | None) -> float | None:
@@ -599,6 +626,8 @@ def no_gpu_message() -> str:
 def prepare(args: argparse.Namespace, workdir: Path) -> Run:
     device = detect_device()
     settings = make_settings(workdir)
+    if args.random_weights:
+        args.model = with_random_weights(args.model, workdir)
     base_model = pick_base_model(settings, args.model)
     location = model_location(settings, base_model)
     train, held_out = rows(args)
@@ -629,6 +658,7 @@ def start_report(run: Run) -> dict[str, Any]:
         "memory_source": peak_memory()["source"],
         "setup": {
             "model": run.location,
+            "random_weights": args.random_weights,
             "params": run.facts.params,
             "bf16": run.bf16,
             "steps": args.steps,
