@@ -32,6 +32,18 @@ def _lora_model(location: Path) -> Any:
     return model.eval()
 
 
+def _one_epoch_of_fours() -> TrainingHyperparameters:
+    return TrainingHyperparameters.model_validate(
+        {
+            **Hyperparameters().model_dump(mode="json"),
+            "n_epochs": 1,
+            "batch_size": 4,
+            "learning_rate": 1e-2,
+            "max_seq_length": 128,
+        }
+    )
+
+
 def test_padding_free_rows_never_attend_to_each_other(tiny_model: str) -> None:
     """Each row's logits in the padding-free batch TRL's collator makes equal the row's logits
     alone; with a cache (which training turns off) they would not: the rows would leak."""
@@ -83,15 +95,7 @@ def test_padding_free_training_learns_what_padded_batches_learn(
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    hp = TrainingHyperparameters.model_validate(
-        {
-            **Hyperparameters().model_dump(mode="json"),
-            "n_epochs": 1,
-            "batch_size": 4,
-            "learning_rate": 1e-2,
-            "max_seq_length": 128,
-        }
-    )
+    hp = _one_epoch_of_fours()
     rows = arithmetic_rows(8) + person_rows(8, seed=2)  # short and long rows in one batch
 
     class Shapes(TrainerCallback):  # type: ignore[misc]
@@ -132,15 +136,7 @@ def test_the_lm_head_on_trained_positions_only_learns_the_same(
     from trl.trainer import utils as trl_utils
 
     original = trl_utils._use_triton
-    hp = TrainingHyperparameters.model_validate(
-        {
-            **Hyperparameters().model_dump(mode="json"),
-            "n_epochs": 1,
-            "batch_size": 4,
-            "learning_rate": 1e-2,
-            "max_seq_length": 128,
-        }
-    )
+    hp = _one_epoch_of_fours()
     rows = person_rows(8, seed=6) + arithmetic_rows(4)  # long user turns, short answers
     results = {}
     for only in (False, True):
