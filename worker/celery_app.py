@@ -60,8 +60,12 @@ def _log_start(sender: str, instance: Any, **_: Any) -> None:
 
 # The libraries a job trains with, imported while the worker waits for its first job: about 5 s
 # here (torch, transformers, PEFT with bitsandbytes, TRL's trainers) that the first job would
-# otherwise spend before its first step. A job that comes sooner waits only for what is left
-# (Python's import lock).
+# otherwise spend before its first step. Held while they import: a job that comes sooner waits
+# for the rest (wait_for_warm_up), since TRL's and transformers' lazy modules are not safe to
+# import from two threads at once.
+_warming_up = threading.Lock()
+
+
 def _import_training_stack() -> None:
     try:
         import peft  # noqa: F401
@@ -70,8 +74,17 @@ def _import_training_stack() -> None:
         from trl import DPOTrainer, SFTTrainer  # type: ignore[attr-defined] # noqa: F401
     except Exception:  # a job importing them fails with the real error, by name
         logger.warning("could not import the training libraries ahead of jobs", exc_info=True)
+    finally:
+        _warming_up.release()
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
 def _warm_up(**_: Any) -> None:
+    _warming_up.acquire()  # before the worker takes its first job
     threading.Thread(target=_import_training_stack, name="warm-up", daemon=True).start()
+
+
+def wait_for_warm_up() -> None:
+    """Return once the training libraries are imported, or at once when no warm-up runs."""
+    with _warming_up:
+        pass
