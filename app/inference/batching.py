@@ -78,12 +78,19 @@ class Batcher:
     """The decode loop of one base model (see the module docstring)."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, adapter_slots: int, name: str, metrics: InferenceMetrics
+        self,
+        model: Any,
+        tokenizer: Any,
+        adapter_slots: int,
+        name: str,
+        metrics: InferenceMetrics,
+        *,
+        merge_single_adapter: bool = True,
     ) -> None:
         self.model = model
         self.metrics = metrics  # adapter cache hits, misses and evictions
         self.tokenizer = tokenizer
-        self.slots = LoraSlots(model, adapter_slots)
+        self.slots = LoraSlots(model, adapter_slots, merge=merge_single_adapter)
         self.recent: OrderedDict[str, None] = OrderedDict()  # adapters in slots, LRU first
         self.eos = _eos_ids(model, tokenizer)
         self.inbox: queue.Queue[Request] = queue.Queue()

@@ -220,7 +220,12 @@ class InferenceEngine:
         tokenizer = load_tokenizer(self.settings, base_model)
         context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         batcher = Batcher(
-            model, tokenizer, self.settings.adapter_cache_size, base_model.name, self.metrics
+            model,
+            tokenizer,
+            self.settings.adapter_cache_size,
+            base_model.name,
+            self.metrics,
+            merge_single_adapter=self.settings.merge_single_adapter,
         )
         logger.info("loaded base model %s (%s)", base_model.name, dtype)
         return LoadedModel(model, tokenizer, batcher, context, dtype)

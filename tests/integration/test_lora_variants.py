@@ -291,13 +291,14 @@ def test_dora_and_rslora_rows_batch_with_plain_lora_exactly(
     tiny_model: str, tmp_path: Path
 ) -> None:
     """One forward pass over rows with a DoRA, an rsLoRA, a plain adapter and none, against
-    PEFT's logits for each adapter alone; and DoRA alone (the single-adapter path)."""
+    PEFT's logits for each adapter alone; DoRA alone (the single-adapter path); and each
+    adapter alone long enough to be merged into a copy of the weights."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from app.base_models.registry import get_base_model
     from app.inference.engine import InferenceEngine
-    from app.inference.lora import read_adapter
+    from app.inference.lora import MERGE_AFTER_STEPS, read_adapter
     from app.settings import get_settings
 
     settings = get_settings().model_copy(
@@ -356,6 +357,61 @@ def test_dora_and_rslora_rows_batch_with_plain_lora_exactly(
         torch.testing.assert_close(alone[0], expected[0], rtol=1e-4, atol=1e-4)
         # The magnitudes matter: the DoRA row is neither the base nor LoRA without them.
         assert not torch.allclose(expected[0], plain_base, atol=1e-2)
+
+        # Each adapter alone for MERGE_AFTER_STEPS steps decodes with its merged weights: the
+        # same logits; then the base alone and a mixed batch, still exact.
+        for slot, name in enumerate(configs, start=1):
+            with torch.inference_mode():
+                for _ in range(MERGE_AFTER_STEPS):
+                    slots.batch([slot, slot])
+                merged = loaded.model(input_ids=ids[:2]).logits
+            assert all(
+                layer.merged_slot == slot for layer in slots.layers.values() if layer.used[slot]
+            )
+            torch.testing.assert_close(merged[0], expected[order.index(name)], rtol=1e-4, atol=1e-4)
+        with torch.inference_mode():
+            slots.batch([0])
+            base_alone = loaded.model(input_ids=ids[:1]).logits
+            slots.batch([1, 0, 2, 3])
+            mixed_after = loaded.model(input_ids=ids).logits
+        torch.testing.assert_close(base_alone[0], expected[1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mixed_after, mixed, rtol=1e-5, atol=1e-5)
+        # A new adapter in the merged slot leaves no stale merged weights behind.
+        slots.remove("plain")
+        slots.install(read_adapter(dirs["rslora"], "rslora-again"), 3)
+        assert all(layer.merged_slot != 3 for layer in slots.layers.values())
+        with torch.inference_mode():
+            slots.batch([3])
+            again = loaded.model(input_ids=ids[:1]).logits
+        torch.testing.assert_close(again[0], expected[2], rtol=1e-4, atol=1e-4)
+    finally:
+        engine.close()
+
+
+def test_merging_an_adapter_alone_can_be_turned_off(tiny_model: str, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from app.base_models.registry import get_base_model
+    from app.inference.engine import InferenceEngine
+    from app.inference.lora import MERGE_AFTER_STEPS, read_adapter
+    from app.settings import get_settings
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(MODEL_CACHE / tiny_model),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    model.save_pretrained(tmp_path)
+    settings = get_settings().model_copy(
+        update={"inference_precision": "fp32", "merge_single_adapter": False}
+    )
+    engine = InferenceEngine(settings)
+    try:
+        slots = engine._loaded(get_base_model(settings, tiny_model)).batcher.slots
+        slots.install(read_adapter(tmp_path, "plain"), 1)
+        for _ in range(2 * MERGE_AFTER_STEPS):
+            slots.batch([1])
+        assert all(layer.merged is None for layer in slots.layers.values())
     finally:
         engine.close()
 
