@@ -7,6 +7,12 @@ prefilled alone and its key/value cache joins the batch's, left-padded to a comm
 row's next token with its own parameters and streams its text; (4) drops the rows that are
 done (EOS, max_new_tokens, a stop sequence, or cancelled). A long request never holds short ones,
 and a new request joins at the next step.
+
+The thread also loads the model, and it alone computes with it (adapters are read elsewhere but
+made fp32 and scaled when they enter a slot). PyTorch's OpenMP threads belong to the thread that
+starts a parallel operation: once a second thread (a request's, the loader's) has a team of its
+own, both teams' workers outnumber the cores and sleep between operations, and every layer waits
+for them to wake. Measured here: decoding at batch size one went from 29 to 55 ms a token.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,28 +86,41 @@ class Batcher:
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        load: Callable[[], tuple[Any, Any]],
         adapter_slots: int,
         name: str,
         metrics: InferenceMetrics,
         *,
         merge_single_adapter: bool = True,
     ) -> None:
-        self.model = model
+        """Start the thread, which calls `load()` for the model and its tokenizer; returns once
+        they are loaded, and raises what `load` raised."""
         self.metrics = metrics  # adapter cache hits, misses and evictions
-        self.tokenizer = tokenizer
-        self.slots = LoraSlots(model, adapter_slots, merge=merge_single_adapter)
         self.recent: OrderedDict[str, None] = OrderedDict()  # adapters in slots, LRU first
-        self.eos = _eos_ids(model, tokenizer)
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.waiting: list[Request] = []
         self.rows: list[_Row] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None
         self._stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        loaded: queue.Queue[BaseException | None] = queue.Queue()
+
+        def run() -> None:
+            try:
+                self.model, self.tokenizer = load()
+                self.slots = LoraSlots(self.model, adapter_slots, merge=merge_single_adapter)
+                self.eos = _eos_ids(self.model, self.tokenizer)
+            except BaseException as error:  # handed to the caller
+                loaded.put(error)
+                return
+            loaded.put(None)
+            self._loop()
+
+        self.thread = threading.Thread(target=run, name=f"batcher-{name}", daemon=True)
         self.thread.start()
+        error = loaded.get()
+        if error is not None:
+            raise error
 
     # --- what other threads call -----------------------------------------------------------
 

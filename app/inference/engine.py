@@ -39,6 +39,7 @@ from app.inference.generation import (
     encode_prompt,
 )
 from app.inference.lora import read_adapter
+from app.inference.packed import can_pack, pack_linears
 from app.inference.stops import StopScanner
 from app.inference.vllm import VllmEngine
 from app.observability.metrics import InferenceMetrics
@@ -212,21 +213,26 @@ class InferenceEngine:
         import torch
 
         dtype = inference_dtype(self.settings.inference_precision)
-        # Loaded in its serving precision: never a second, fp32 copy in memory.
-        model = load_causal_lm(self.settings, base_model, dtype=getattr(torch, dtype))
-        if torch.cuda.is_available():  # ROCm and CUDA both answer here
-            model.to(torch.device("cuda"))  # type: ignore[arg-type]
-        model.eval()  # type: ignore[no-untyped-call]
-        tokenizer = load_tokenizer(self.settings, base_model)
-        context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+
+        def load() -> tuple[Any, Any]:  # in the batch thread (see app/inference/batching.py)
+            # Loaded in its serving precision: never a second, fp32 copy in memory.
+            model = load_causal_lm(self.settings, base_model, dtype=getattr(torch, dtype))
+            if torch.cuda.is_available():  # ROCm and CUDA both answer here
+                model.to(torch.device("cuda"))  # type: ignore[arg-type]
+            model.eval()  # type: ignore[no-untyped-call]
+            if can_pack(model.device, model.dtype):
+                pack_linears(model)  # bf16 on a CPU: weights in oneDNN's layout, once
+            return model, load_tokenizer(self.settings, base_model)
+
         batcher = Batcher(
-            model,
-            tokenizer,
+            load,
             self.settings.adapter_cache_size,
             base_model.name,
             self.metrics,
             merge_single_adapter=self.settings.merge_single_adapter,
         )
+        model, tokenizer = batcher.model, batcher.tokenizer
+        context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         logger.info("loaded base model %s (%s)", base_model.name, dtype)
         return LoadedModel(model, tokenizer, batcher, context, dtype)
 

@@ -297,11 +297,20 @@ def test_bf16_serves_with_fp32_lora_weights(settings: Any, tiny_model: str, adap
     engine = InferenceEngine(settings.model_copy(update={"inference_precision": "bf16"}))
     try:
         key = next(iter(adapters["dirs"]))
-        result = engine.generate(generation(settings, tiny_model, key, max_new_tokens=6))
-        assert result.completion_tokens == 6
+        result = engine.generate(generation(settings, tiny_model, key, max_new_tokens=12))
+        assert result.completion_tokens == 12
         loaded = engine._models[tiny_model]
         assert loaded.dtype == "bfloat16"
         assert next(loaded.model.parameters()).dtype == torch.bfloat16
-        assert all(layer.A.dtype == torch.float32 for layer in loaded.batcher.slots.layers.values())
+        layers = loaded.batcher.slots.layers.values()
+        assert all(layer.AT.dtype == layer.B.dtype == torch.float32 for layer in layers)
+        # On a CPU with oneDNN, the layers' weights were packed once, in the batch thread.
+        from app.inference.packed import PackedLinear, can_pack
+
+        if can_pack(torch.device("cpu"), torch.bfloat16):
+            assert all(isinstance(layer.base, PackedLinear) for layer in layers)
+            assert isinstance(loaded.model.lm_head, PackedLinear)
+        # 12 steps alone: the adapter was merged into a copy of the weights (packed too).
+        assert all(layer.merged_slot == 1 for layer in layers if layer.used[1])
     finally:
         engine.close()
