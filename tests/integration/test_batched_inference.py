@@ -122,6 +122,71 @@ def test_a_mixed_batch_gives_each_request_its_text_alone(
     assert [r.completion_tokens for r in together] == [r.completion_tokens for r in alone]
 
 
+def test_prompts_that_arrive_together_are_prefilled_together_exactly(
+    settings: Any, tiny_model: str, adapters: Any
+) -> None:
+    """Prompts of different lengths and adapters (and none), prefilled in one left-padded pass,
+    give each request the text it gets alone. The batch thread is stopped so that all of them
+    are admitted at one step, then the test drives the batcher's own steps."""
+    from app.inference.batching import Done
+    from app.inference.engine import InferenceEngine
+
+    keys = [*adapters["dirs"]][:2]
+    requests = [
+        generation(settings, tiny_model, adapter, prompt=prompt, max_new_tokens=10)
+        for adapter, prompt in zip((None, keys[0], keys[1], keys[0]), PROMPTS, strict=True)
+    ]
+    alone_engine = InferenceEngine(settings)
+    try:
+        alone = [alone_engine.generate(request).text for request in requests]
+    finally:
+        alone_engine.close()
+    assert len(set(alone)) == len(alone)
+
+    engine = InferenceEngine(settings)
+    try:
+        engine.generate(generation(settings, tiny_model, max_new_tokens=1))  # loads the model
+        batcher = engine._models[tiny_model].batcher
+        batcher.stop()
+        batcher.join()
+        streams = [engine.stream(request) for request in requests]
+        with torch.inference_mode():
+            batcher._admit(block=False)
+            assert len(batcher.rows) == len(requests) and not batcher.waiting  # one prefill
+            while batcher.rows:
+                batcher._step()
+        together = []
+        for stream in streams:
+            items = []
+            while not stream._request.out.empty():
+                items.append(stream._request.out.get())
+            together.append(next(item.text for item in items if isinstance(item, Done)))
+            stream._done = True
+        assert together == alone
+    finally:
+        engine.close()
+
+
+def test_prefill_groups_keep_arrival_order_within_the_token_budget() -> None:
+    from app.inference.batching import PREFILL_TOKENS, _prefill_groups
+
+    def request(length: int) -> Any:
+        return type("R", (), {"prompt_ids": [1] * length})()
+
+    lengths = [10, 20, PREFILL_TOKENS // 2, 5, PREFILL_TOKENS + 1, 7]
+    admitted = [(request(n), 0) for n in lengths]
+    groups = _prefill_groups(admitted)
+    assert [[len(r.prompt_ids) for r, _ in group] for group in groups] == [
+        [10, 20],
+        [PREFILL_TOKENS // 2, 5],
+        [PREFILL_TOKENS + 1],
+        [7],
+    ]
+    for group in groups:
+        width = max(len(r.prompt_ids) for r, _ in group)
+        assert len(group) == 1 or width * len(group) <= PREFILL_TOKENS
+
+
 def test_mixed_batch_logits_match_peft(
     engine: Any, settings: Any, tiny_model: str, adapters: Any
 ) -> None:
