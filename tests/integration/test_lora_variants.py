@@ -25,10 +25,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rslora": {"lora": {"r": 8, "alpha": 8, "use_rslora": True}},
     "dora": {"lora": {"r": 8, "alpha": 16, "use_dora": True}},
     "qlora_4bit": {"quantization": "4bit"},
-    # AdaLoRA's singular values start at zero and are pruned as it goes: it wants a bolder rate.
+    # AdaLoRA's singular values start at zero and are pruned as it goes: it wants a bolder rate,
+    # and more steps (at 4 epochs an Intel Xeon's numerics left it at 2.9% better, not 3%).
     "adalora": {
         "lora": {"type": "adalora", "r": 8, "target_r": 4},
-        "hyperparameters": {"learning_rate": 5e-2},
+        "hyperparameters": {"learning_rate": 5e-2, "n_epochs": 8},
     },
 }
 TRAIN = {"n_epochs": 4, "batch_size": 4, "learning_rate": 1e-2, "max_seq_length": 64}
