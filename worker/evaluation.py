@@ -17,6 +17,7 @@ from app.datasets.loss_mask import one_side, prompt_ids, token_mask
 from app.evaluation.split import Split
 from app.graders import grade
 from app.jobs.schemas import ReinforcementSettings
+from worker.inference_layers import adapter_rows, inference_layers, mixes_rows
 
 if TYPE_CHECKING:
     from worker.rewards import RewardModels
@@ -170,7 +171,6 @@ def _generated(
     prompts: list[SamplePrompt],
     max_new_tokens: int,
     bf16: bool,
-    **peft: Any,
 ) -> list[str]:
     """Greedy answers to prompts, in one left-padded batch."""
     import torch
@@ -191,7 +191,6 @@ def _generated(
             do_sample=False,
             pad_token_id=pad,
             use_cache=True,  # a model fresh from training has its cache turned off
-            **peft,
         )
     return [
         tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output.tolist()
@@ -210,38 +209,19 @@ def answers(
 def answers_of_both(
     model: Any, tokenizer: Any, prompts: list[SamplePrompt], max_new_tokens: int, bf16: bool
 ) -> tuple[list[str], list[str]]:
-    """(the adapter's, the base model's) greedy answers to prompts. Where PEFT runs adapters
-    and the bare base side by side in one batch (plain LoRA), both come from one generation: a
-    decoding step of twice the rows costs little more on a CPU than one of the rows alone."""
+    """(the adapter's, the base model's) greedy answers to prompts. Where the adapter's rows and
+    the base model's can share a batch (plain LoRA, worker/inference_layers.py), both come from
+    one generation: a decoding step of twice the rows costs little more on a CPU than one of
+    the rows alone."""
     if not prompts:
         return [], []
-    if _mixed_batches(model):
-        both = _generated(
-            model,
-            tokenizer,
-            prompts + prompts,
-            max_new_tokens,
-            bf16,
-            adapter_names=[model.active_adapter] * len(prompts) + ["__base__"] * len(prompts),
-        )
+    if mixes_rows(model):
+        with adapter_rows([True] * len(prompts) + [False] * len(prompts)):
+            both = _generated(model, tokenizer, prompts + prompts, max_new_tokens, bf16)
         return both[: len(prompts)], both[len(prompts) :]
     adapter = answers(model, tokenizer, prompts, max_new_tokens, bf16)
     with model.disable_adapter():
         return adapter, answers(model, tokenizer, prompts, max_new_tokens, bf16)
-
-
-def _mixed_batches(model: Any) -> bool:
-    """Whether PEFT takes rows of the adapter and of the base model in one batch: LoRA layers
-    only (not DoRA, not AdaLoRA's), unmerged, in inference mode."""
-    from peft import LoraConfig, PeftType
-
-    config = model.peft_config.get(model.active_adapter)
-    return (
-        isinstance(config, LoraConfig)
-        and config.peft_type is PeftType.LORA
-        and not config.use_dora
-        and not model.training
-    )
 
 
 def with_adapter(
@@ -311,13 +291,14 @@ def evaluate(
     adapter_losses: the adapter's row_losses on task.records when already known."""
     started = time.monotonic()
     model.eval()
-    if task.reinforcement is not None:
-        assert task.reward_models is not None
-        found = _reinforcement(tokenizer, model, task, task.reinforcement, task.reward_models)
-    elif task.scorer:
-        found = _reward_model(tokenizer, model, task)
-    else:
-        found = _supervised(tokenizer, model, task, adapter_losses)
+    with inference_layers(model, task.bf16):
+        if task.reinforcement is not None:
+            assert task.reward_models is not None
+            found = _reinforcement(tokenizer, model, task, task.reinforcement, task.reward_models)
+        elif task.scorer:
+            found = _reward_model(tokenizer, model, task)
+        else:
+            found = _supervised(tokenizer, model, task, adapter_losses)
     return {**found, "seconds": round(time.monotonic() - started, 2)}
 
 

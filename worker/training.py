@@ -677,15 +677,20 @@ def train_lora(
             kept_ranks = adalora.to_lora(adapter_dir)
     evaluation, evaluation_started = None, time.monotonic()
     if hooks.evaluate_trained is not None and not stopped_early:
-        eval_row_losses = None
-        if last_eval_here:
-            from worker.evaluation import row_losses, token_mean
+        from worker.inference_layers import inference_layers
 
-            trainer.model.eval()
-            eval_row_losses = row_losses(trainer.model, tokenizer, eval_records or [], spec.bf16)
-            eval_loss = token_mean(eval_row_losses)
-            reporter.report_eval_loss(eval_loss)
-        evaluation = hooks.evaluate_trained(trainer.model, tokenizer, eval_row_losses)
+        eval_row_losses = None
+        trainer.model.eval()
+        with inference_layers(trainer.model, spec.bf16):
+            if last_eval_here:
+                from worker.evaluation import row_losses, token_mean
+
+                eval_row_losses = row_losses(
+                    trainer.model, tokenizer, eval_records or [], spec.bf16
+                )
+                eval_loss = token_mean(eval_row_losses)
+                reporter.report_eval_loss(eval_loss)
+            evaluation = hooks.evaluate_trained(trainer.model, tokenizer, eval_row_losses)
     evaluation_seconds = time.monotonic() - evaluation_started
     return TrainingResult(
         steps=state.global_step,
