@@ -221,7 +221,7 @@ class InferenceEngine:
                 model.to(torch.device("cuda"))  # type: ignore[arg-type]
             model.eval()  # type: ignore[no-untyped-call]
             if can_pack(model.device, model.dtype):
-                pack_linears(model)  # bf16 on a CPU: weights in oneDNN's layout, once
+                pack_linears(model)  # on a CPU: weights in oneDNN's layout, once
             return model, load_tokenizer(self.settings, base_model)
 
         batcher = Batcher(
