@@ -235,7 +235,7 @@ class Batcher:
     def _prefill(self, group: list[tuple[Request, int]]) -> None:
         """Prefill the prompts of `group` together, left-padded to the longest (each row with
         its own adapter), and let the rows that go on join the batch."""
-        from transformers import DynamicCache
+        from app.inference.kv_cache import decoding_cache  # transformers: imported when used
 
         width = max(len(request.prompt_ids) for request, _ in group)
         ids = [[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r, _ in group]
@@ -243,7 +243,7 @@ class Batcher:
             [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r, _ in group]
         )
         device = self.model.device
-        cache = DynamicCache()
+        cache = decoding_cache()
         self.slots.batch([slot for _, slot in group])
         output = self.model(
             input_ids=torch.tensor(ids, device=device),

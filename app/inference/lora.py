@@ -1,12 +1,12 @@
 """LoRA for a batch of requests that use different adapters, in one pass through the base model.
 
 PEFT loops over adapters inside every layer. Here each adapted `nn.Linear` holds every loaded
-adapter's weights side by side in slots (see `LoraLinear`; B pre-scaled by alpha / r), and a
-batch row names its slot (0: no adapter). The LoRA delta of a mixed batch is then two dense
-matmuls over all slots with each row's foreign slots masked out in between, whatever the mix:
-the batched, segment-by-adapter computation of Punica's SGMV and S-LoRA, in plain PyTorch.
-Adapters of a smaller rank are zero-padded to the largest, which changes nothing. When every
-row uses the same adapter, only its block is used.
+adapter's weights in slots (see `LoraLinear`; B pre-scaled by alpha / r), and a batch row names
+its slot (0: no adapter). The LoRA delta of a mixed batch is then two batched matmuls (`bmm`):
+the rows are grouped by slot, each group padded to the largest, and each group multiplies its own
+slot's A and B, whatever the mix: the segment-by-adapter computation of Punica's SGMV and
+S-LoRA, in plain PyTorch. Adapters of a smaller rank are zero-padded to the largest, which
+changes nothing. When every row uses the same adapter, only its slot is used.
 
 rsLoRA adapters differ only in their scale (alpha / sqrt(r)), folded into B like alpha / r.
 DoRA adapters (PEFT's `use_dora`) are batched too: DoRA's layer is
@@ -122,24 +122,42 @@ def read_adapter(directory: Path, key: str) -> AdapterWeights:
     return AdapterWeights(key, rank, modules, magnitudes, scale)
 
 
+@dataclass(frozen=True)
+class Groups:
+    """A mixed batch's rows grouped by slot, for `LoraLinear`'s batched products: slots
+    `first`…`first + count - 1` (those between the lowest and the highest slot in use), `size`
+    rows each. Entry i of the grouped rows is batch row `gather[i]` (padding repeats a row);
+    the entries at `real` hold the rows `rows` (every row with an adapter, once)."""
+
+    first: int
+    count: int
+    size: int
+    gather: torch.Tensor  # [count * size]
+    real: torch.Tensor  # [rows with an adapter]
+    rows: torch.Tensor  # [rows with an adapter]
+
+
 class _Rows(threading.local):
     """Which slot each row of the batch in flight uses (set by the one thread that runs it)."""
 
     single: int | None = None  # every row uses this slot (None: a mix)
-    mask: torch.Tensor | None = None  # [rows, slots * rank]: 1 where a column is the row's slot
+    groups: Groups | None = None  # a mix: the rows grouped by slot
     slot_of_row: torch.Tensor | None = None  # [rows, slots]: 1 at the row's slot (a mix)
 
 
 class LoraLinear(nn.Module):
-    """A base linear layer (`nn.Linear`, or `PackedLinear` for bf16 on CPUs) plus the LoRA
-    weights of every slot, side by side: `AT` (A transposed) is [in, slots * rank], slot s in
-    columns s*rank…(s+1)*rank, and `B` (transposed) is [slots * rank, out], slot s in those rows.
-    Both are laid out as the right-hand side of a row-major product, which CPU matrix products
-    take 2.5 times faster than a transposed one at these sizes.
+    """A base linear layer (`nn.Linear`, or `PackedLinear` on CPUs) plus the LoRA weights of
+    every slot: `AT` (A transposed) is [slots, in, rank] and `B` (transposed) is
+    [slots, rank, out]. Each slot's matrices are laid out as the right-hand side of a row-major
+    product, which CPU matrix products take 2.5 times faster than a transposed one at these
+    sizes.
 
-    One adapter for every row: its block, as two small matmuls. A mix: two dense matmuls over
-    every slot at once, with the columns of other slots zeroed per row in between (no per-row
-    gathering of weights, which costs more memory traffic than the matmuls themselves).
+    One adapter for every row: its slot, as two small matmuls. A mix: the rows grouped by slot
+    (`Groups`), two `bmm`s over the slots in use, each group with its own slot's weights. Each
+    row costs its own adapter's products alone, and the weights are read in place (no per-row
+    copy of them). Before this, one product over every slot's columns with the foreign ones
+    masked cost every row all the adapters' products: twice the time for 16 rows over 8
+    adapters on a CPU (docs/benchmarks.md).
     """
 
     def __init__(self, base: nn.Linear | PackedLinear, rows: _Rows, slots: int, rank: int) -> None:
@@ -150,8 +168,8 @@ class LoraLinear(nn.Module):
         self.rank = rank
         # fp32 whatever the base's precision: small bf16 matmuls are slow on CPUs (10x, measured).
         device = base.packed.device if isinstance(base, PackedLinear) else base.weight.device
-        self.AT = torch.zeros(base.in_features, slots * rank, device=device)  # A transposed
-        self.B = torch.zeros(slots * rank, base.out_features, device=device)  # B transposed
+        self.AT = torch.zeros(slots, base.in_features, rank, device=device)  # A transposed
+        self.B = torch.zeros(slots, rank, base.out_features, device=device)  # B transposed
         self.used = [False] * slots  # slots this module has weights in
         # DoRA: g per slot and output feature, [slots, out] (1 where the slot is not DoRA);
         # made when the first DoRA adapter targets this module.
@@ -172,15 +190,14 @@ class LoraLinear(nn.Module):
         if single is not None:
             if not self.used[single]:
                 return y
-            block = slice(single * self.rank, (single + 1) * self.rank)
-            delta = (x.float() @ self.AT[:, block]) @ self.B[block]
+            delta = (x.float() @ self.AT[single]) @ self.B[single]
             if self.g is not None and self.dora[single]:
                 g = self.g[single]
         else:
-            mask = self.rows.mask
-            if mask is None or not any(self.used):
+            groups = self.rows.groups
+            if groups is None or not any(self.used):
                 return y
-            delta = ((x.float() @ self.AT) * mask[:, None, :]) @ self.B
+            delta = self._grouped_delta(x, groups)
             if self.g is not None and any(self.dora) and self.rows.slot_of_row is not None:
                 g = (self.rows.slot_of_row @ self.g)[:, None, :]  # each row's slot's g
         if g is None:
@@ -191,15 +208,23 @@ class LoraLinear(nn.Module):
         plain = full if bias is None else full - bias.float()
         return (full + ((g - 1) * plain + g * delta)).to(y.dtype)
 
+    def _grouped_delta(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """Each row's own adapter's delta, [rows, positions, out] (0 for rows without one)."""
+        rows, positions, width = x.shape
+        slots = slice(groups.first, groups.first + groups.count)
+        grouped = x.float()[groups.gather].view(groups.count, groups.size * positions, width)
+        low = torch.bmm(grouped, self.AT[slots])  # [count, size * positions, rank]
+        high = torch.bmm(low, self.B[slots]).view(groups.count * groups.size, positions, -1)
+        delta = high.new_zeros(rows, positions, high.shape[-1])
+        return delta.index_copy_(0, groups.rows, high[groups.real])
+
     def grow(self, rank: int) -> None:
         """Room for adapters of a larger rank (zero padding keeps the others exact)."""
         extra = rank - self.rank
         if extra <= 0:
             return
-        columns = self.AT.view(-1, self.slots, self.rank)
-        self.AT = torch.nn.functional.pad(columns, (0, extra)).reshape(-1, self.slots * rank)
-        rows = self.B.view(self.slots, self.rank, -1)
-        self.B = torch.nn.functional.pad(rows, (0, 0, 0, extra)).reshape(self.slots * rank, -1)
+        self.AT = torch.nn.functional.pad(self.AT, (0, extra))
+        self.B = torch.nn.functional.pad(self.B, (0, 0, 0, extra))
         self.rank = rank
 
     def dense_weight(self) -> torch.Tensor:
@@ -214,7 +239,6 @@ class LoraLinear(nn.Module):
         weights: 20 times faster than through an fp32 temporary on a CPU, and it rounds once."""
         if self.merged_slot == slot or not self.used[slot]:
             return
-        block = slice(slot * self.rank, (slot + 1) * self.rank)
         weight = self.dense_weight()
         packed = isinstance(self.base, PackedLinear)
         if packed:
@@ -223,7 +247,7 @@ class LoraLinear(nn.Module):
             if self.merged is None:
                 self.merged = torch.empty_like(weight)
             merged = self.merged.copy_(weight)
-        merged.addmm_(self.B[block].T.to(weight.dtype), self.AT[:, block].T.to(weight.dtype))
+        merged.addmm_(self.B[slot].T.to(weight.dtype), self.AT[slot].T.to(weight.dtype))
         if self.g is not None and self.dora[slot]:
             merged.mul_(self.g[slot][:, None].to(weight.dtype))
         self.merged = pack(merged) if packed else merged
@@ -240,14 +264,12 @@ class LoraLinear(nn.Module):
         m [out], kept as g = m / ||W + BA||_row (B is scaled already)."""
         if slot == self.merged_slot:
             self.merged_slot = None  # its merged copy is stale
-        block = slice(slot * self.rank, (slot + 1) * self.rank)
-        self.AT[:, block].zero_()
-        self.B[block].zero_()
+        self.AT[slot].zero_()
+        self.B[slot].zero_()
         self.used[slot] = a is not None
         if a is not None and b is not None:
-            rows = slice(slot * self.rank, slot * self.rank + a.shape[0])
-            self.AT[:, rows] = a.T
-            self.B[rows] = b.T
+            self.AT[slot, :, : a.shape[0]] = a.T
+            self.B[slot, : a.shape[0]] = b.T
         self.dora[slot] = magnitude is not None
         if self.g is not None:
             self.g[slot] = 1.0
@@ -313,14 +335,13 @@ class LoraSlots:
             if self.merge and slot != NO_ADAPTER and steps == MERGE_AFTER_STEPS:
                 for layer in self.layers.values():
                     layer.merge(slot)
-            self.rows.single, self.rows.mask, self.rows.slot_of_row = slot, None, None
+            self.rows.single, self.rows.groups, self.rows.slot_of_row = slot, None, None
             return
         self._alone = (NO_ADAPTER, 0)
         # On the model's device: the LoRA weights are there (a GPU when serving on one).
         device = next(self.model.parameters()).device
-        columns = torch.arange(self.capacity + 1, device=device).repeat_interleave(self.rank)
         rows = torch.tensor(slots, device=device)[:, None]
-        self.rows.single, self.rows.mask = None, (rows == columns[None, :]).float()
+        self.rows.single, self.rows.groups = None, grouped_by_slot(slots, device)
         self.rows.slot_of_row = (rows == torch.arange(self.capacity + 1, device=device)).float()
 
     def check(self, weights: AdapterWeights) -> None:
@@ -365,3 +386,32 @@ class LoraSlots:
             setattr(parent, child, layer)
             self.layers[name] = layer
         return self.layers[name]
+
+
+def grouped_by_slot(slots: list[int], device: torch.device) -> Groups | None:
+    """The rows of a mixed batch (row i uses slot slots[i]) grouped by slot; None when no row
+    uses an adapter."""
+    members: dict[int, list[int]] = {}
+    for row, slot in enumerate(slots):
+        if slot != NO_ADAPTER:
+            members.setdefault(slot, []).append(row)
+    if not members:
+        return None
+    first, last = min(members), max(members)
+    size = max(len(rows) for rows in members.values())
+    gather: list[int] = []
+    real: list[int] = []
+    rows: list[int] = []
+    for slot in range(first, last + 1):
+        group = members.get(slot, [])
+        real += range(len(gather), len(gather) + len(group))
+        rows += group
+        gather += group + [0] * (size - len(group))  # padding: any row, its result unused
+    return Groups(
+        first,
+        last - first + 1,
+        size,
+        torch.tensor(gather, dtype=torch.long, device=device),
+        torch.tensor(real, dtype=torch.long, device=device),
+        torch.tensor(rows, dtype=torch.long, device=device),
+    )
