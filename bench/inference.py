@@ -6,7 +6,8 @@ and (with --engines) against vLLM, behind tuneserve and alone.
                                         [--out results.json] [--quick]
 
 Starts its own api (temporary data dir), imports synthetic LoRA adapters through POST /adapters,
-runs concurrent clients against POST /generate, then serves the same requests one at a time
+runs concurrent clients against POST /generate (then the same requests on the base model alone,
+the ceiling batching reaches here), then serves the same requests one at a time
 with transformers + PEFT in a child process. `vllm`: the same through an api whose base model is
 served by a vLLM server (scripts/vllm_server.sh, the venv of scripts/vllm_venv.sh); `vllm-alone`:
 the same requests straight to that vLLM server's /v1/chat/completions, its adapters loaded with
@@ -302,7 +303,7 @@ def generate_vllm(client: httpx.Client, model: str | None, text: str, tokens: in
 
 def service_load(
     client: httpx.Client,
-    jobs: list[tuple[str, str]],
+    jobs: list[tuple[str | None, str]],
     tokens: int,
     send: Any = generate,
     label: str = "service",
@@ -312,7 +313,7 @@ def service_load(
     latencies: list[float] = []
     counts: list[int] = []
 
-    def one(adapter: str, text: str) -> tuple[float, int]:
+    def one(adapter: str | None, text: str) -> tuple[float, int]:
         barrier.wait(timeout=60)
         return send(client, adapter, text, tokens)  # type: ignore[no-any-return]
 
@@ -344,13 +345,18 @@ def summary(latencies: list[float], counts: list[int], wall: float, rss: float) 
 def measure(
     client: httpx.Client, ids: list[str], args: argparse.Namespace, send: Any, label: str
 ) -> tuple[tuple[list[float], list[int], float], dict[str, float]]:
-    """Warm-up, the concurrent load, then one client: an adapter vs the base model alone."""
+    """Warm-up, the concurrent load, the same load on the base model alone (what batching the
+    base model reaches, the ceiling of the adapters' load), then one client: an adapter vs the
+    base model alone."""
     log(f"{label}: warm-up, one 4-token request per adapter (loads the model and adapters)")
     for i, adapter_id in enumerate(ids):
         send(client, adapter_id, prompt(i), 4)
     jobs = [(ids[i % len(ids)], prompt(i)) for i in range(args.clients)]
     log(f"{label}: {args.clients} concurrent requests of {args.tokens} tokens")
     load = service_load(client, jobs, args.tokens, send, label)
+    log(f"{label}: the same {args.clients} requests on the base model alone")
+    base_jobs: list[tuple[str | None, str]] = [(None, text) for _, text in jobs]
+    _, counts, wall = service_load(client, base_jobs, args.tokens, send, f"{label} base")
     log(f"{label}: one client, one adapter vs the base model alone, 3 times each")
     speeds: dict[str, list[float]] = {"adapter": [], "base": []}
     arms: list[tuple[str, str | None]] = [("adapter", ids[0]), ("base", None)]
@@ -360,7 +366,11 @@ def measure(
             speeds[arm].append(count / seconds)
             log(f"{label}: {arm}: {count} tokens in {seconds:.1f} s")
     single = {arm: round(statistics.median(values), 2) for arm, values in speeds.items()}
-    return load, single | {"ratio": round(single["adapter"] / single["base"], 2)}
+    batched_base = round(sum(counts) / wall, 2)
+    return load, single | {
+        "ratio": round(single["adapter"] / single["base"], 2),
+        "batched_base_tokens_per_s": batched_base,
+    }
 
 
 def run_service(
@@ -489,6 +499,11 @@ def main() -> None:
         print(
             f"  adapter {single['adapter']}, base model alone {single['base']}: {single['ratio']}x"
         )
+        base = single["batched_base_tokens_per_s"]
+        line = f"{args.clients} clients on the base model alone through {arm}: {base} tokens/s"
+        if "naive" in results:
+            line += f", {base / results['naive']['tokens_per_s']:.2f}x naive"
+        print(line)
     if args.out:
         config = {k: getattr(args, k) for k in ("adapters", "clients", "tokens", "quick")}
         config |= {"engines": engines, "service_precision": precision, "naive_precision": "fp32"}
