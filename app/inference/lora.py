@@ -155,9 +155,9 @@ class LoraLinear(nn.Module):
     One adapter for every row: its slot, as two small matmuls. A mix: the rows grouped by slot
     (`Groups`), two `bmm`s over the slots in use, each group with its own slot's weights. Each
     row costs its own adapter's products alone, and the weights are read in place (no per-row
-    copy of them). Before this, one product over every slot's columns with the foreign ones
-    masked cost every row all the adapters' products: twice the time for 16 rows over 8
-    adapters on a CPU (docs/benchmarks.md).
+    copy of them). One product over every slot's columns with the foreign ones masked, as
+    before, costs every row all the adapters' products: 8 times the arithmetic for 8 adapters,
+    which CPUs without AVX512 feel (docs/benchmarks.md).
     """
 
     def __init__(self, base: nn.Linear | PackedLinear, rows: _Rows, slots: int, rank: int) -> None:
