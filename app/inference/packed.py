@@ -5,9 +5,10 @@
   call. Reordering it once, when the model loads, halves the time of each layer (measured in
   docs/benchmarks.md), for both a single row and a batch; the results are bit for bit the same.
 - **fp32, where it pays.** In fp32 PyTorch's own product (MKL) is as fast as oneDNN's on CPUs
-  with AVX512, but on an AVX2-only AMD EPYC it took 1.3 to 2.7 times as long for the few rows
-  of a decoding step (docs/benchmarks.md). Which one is faster is measured once per process
-  (`fp32_packing_pays`); the results differ from MKL's by float rounding only.
+  with AVX512, but on an AVX2-only AMD EPYC it was the slower one for the few rows of a
+  decoding step: packing took 16 clients from 44.8 to 67.0 tokens/s there (docs/benchmarks.md).
+  Which one is faster is measured once per process (`fp32_packing_pays`); the results differ
+  from MKL's by float rounding only.
 
 The reordered weight replaces the original (no second copy); `dense_weight()` gives the plain one
 back for the rare reader (merging an adapter, DoRA's norms).
