@@ -1,8 +1,8 @@
 """The batch's key/value cache, with room to grow.
 
 transformers' `DynamicCache` appends each decoding step's keys and values with `torch.cat`: every
-step copies the whole cache of every layer, a cost that grows with the batch and the length
-(about a tenth of a 16-row decoding step of the default model on a CPU). Here each layer keeps
+step copies the whole cache of every layer, a cost that grows with the batch and the length.
+Here each layer keeps
 its keys and values in a buffer with room for more positions, and `keys`/`values` are views of
 its first positions: a step writes its one new position in place. When the room is used up, or
 when the batcher has put other tensors in place of the views (rows joining or leaving the batch,
