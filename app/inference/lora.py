@@ -126,15 +126,18 @@ def read_adapter(directory: Path, key: str) -> AdapterWeights:
 class Groups:
     """A mixed batch's rows grouped by slot, for `LoraLinear`'s batched products: slots
     `first`…`first + count - 1` (those between the lowest and the highest slot in use), `size`
-    rows each. Entry i of the grouped rows is batch row `gather[i]` (padding repeats a row);
-    the entries at `real` hold the rows `rows` (every row with an adapter, once)."""
+    entries each. Entry i holds batch row `gather[i]`; batch row r takes the delta of entry
+    `source[r]`. Groups smaller than the largest are padded with entries that gather an
+    all-zero row (index `rows`, appended to the input when `padded`); rows without an adapter
+    take a zero delta (index `count * size`, appended to the deltas when `bare_rows`)."""
 
     first: int
     count: int
     size: int
+    padded: bool
+    bare_rows: bool
     gather: torch.Tensor  # [count * size]
-    real: torch.Tensor  # [rows with an adapter]
-    rows: torch.Tensor  # [rows with an adapter]
+    source: torch.Tensor  # [rows]
 
 
 class _Rows(threading.local):
@@ -142,6 +145,9 @@ class _Rows(threading.local):
 
     single: int | None = None  # every row uses this slot (None: a mix)
     groups: Groups | None = None  # a mix: the rows grouped by slot
+    # The last input grouped for a mix, (input, its rows grouped in fp32): layers that share
+    # their input (q, k and v; gate and up) group it once.
+    grouped_input: tuple[torch.Tensor, torch.Tensor] | None = None
     slot_of_row: torch.Tensor | None = None  # [rows, slots]: 1 at the row's slot (a mix)
 
 
@@ -197,7 +203,7 @@ class LoraLinear(nn.Module):
             groups = self.rows.groups
             if groups is None or not any(self.used):
                 return y
-            delta = self._grouped_delta(x, groups)
+            delta = self._grouped_delta(x, groups).view(y.shape)
             if self.g is not None and any(self.dora) and self.rows.slot_of_row is not None:
                 g = (self.rows.slot_of_row @ self.g)[:, None, :]  # each row's slot's g
         if g is None:
@@ -208,15 +214,29 @@ class LoraLinear(nn.Module):
         plain = full if bias is None else full - bias.float()
         return (full + ((g - 1) * plain + g * delta)).to(y.dtype)
 
-    def _grouped_delta(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
-        """Each row's own adapter's delta, [rows, positions, out] (0 for rows without one)."""
+    def _grouped_input(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """x's rows grouped by slot, in fp32: [count, size * positions, in]."""
+        cached = self.rows.grouped_input
+        if cached is not None and cached[0] is x:
+            return cached[1]
         rows, positions, width = x.shape
+        flat = x.reshape(rows, positions * width)
+        if groups.padded:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, 1))  # row `rows`: zeros
+        grouped = flat.index_select(0, groups.gather).float()
+        grouped = grouped.view(groups.count, groups.size * positions, width)
+        self.rows.grouped_input = (x, grouped)
+        return grouped
+
+    def _grouped_delta(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """Each row's delta from its own slot's adapter (zero without one), fp32:
+        [rows, positions * out]."""
         slots = slice(groups.first, groups.first + groups.count)
-        grouped = x.float()[groups.gather].view(groups.count, groups.size * positions, width)
-        low = torch.bmm(grouped, self.AT[slots])  # [count, size * positions, rank]
-        high = torch.bmm(low, self.B[slots]).view(groups.count * groups.size, positions, -1)
-        delta = high.new_zeros(rows, positions, high.shape[-1])
-        return delta.index_copy_(0, groups.rows, high[groups.real])
+        low = torch.bmm(self._grouped_input(x, groups), self.AT[slots])
+        high = torch.bmm(low, self.B[slots]).view(groups.count * groups.size, -1)
+        if groups.bare_rows:
+            high = torch.nn.functional.pad(high, (0, 0, 0, 1))  # entry count * size: zeros
+        return high.index_select(0, groups.source)
 
     def grow(self, rank: int) -> None:
         """Room for adapters of a larger rank (zero padding keeps the others exact)."""
@@ -336,12 +356,14 @@ class LoraSlots:
                 for layer in self.layers.values():
                     layer.merge(slot)
             self.rows.single, self.rows.groups, self.rows.slot_of_row = slot, None, None
+            self.rows.grouped_input = None
             return
         self._alone = (NO_ADAPTER, 0)
         # On the model's device: the LoRA weights are there (a GPU when serving on one).
         device = next(self.model.parameters()).device
         rows = torch.tensor(slots, device=device)[:, None]
         self.rows.single, self.rows.groups = None, grouped_by_slot(slots, device)
+        self.rows.grouped_input = None
         self.rows.slot_of_row = (rows == torch.arange(self.capacity + 1, device=device)).float()
 
     def check(self, weights: AdapterWeights) -> None:
@@ -399,19 +421,23 @@ def grouped_by_slot(slots: list[int], device: torch.device) -> Groups | None:
         return None
     first, last = min(members), max(members)
     size = max(len(rows) for rows in members.values())
+    zero_row = len(slots)  # appended to the input when a group is padded
     gather: list[int] = []
-    real: list[int] = []
-    rows: list[int] = []
+    source = [-1] * len(slots)
     for slot in range(first, last + 1):
         group = members.get(slot, [])
-        real += range(len(gather), len(gather) + len(group))
-        rows += group
-        gather += group + [0] * (size - len(group))  # padding: any row, its result unused
+        for row in group:
+            source[row] = len(gather)
+            gather.append(row)
+        gather += [zero_row] * (size - len(group))
+    zero_entry = len(gather)  # appended to the deltas when a row has no adapter
+    source = [zero_entry if entry < 0 else entry for entry in source]
     return Groups(
         first,
         last - first + 1,
         size,
+        zero_row in gather,
+        zero_entry in source,
         torch.tensor(gather, dtype=torch.long, device=device),
-        torch.tensor(real, dtype=torch.long, device=device),
-        torch.tensor(rows, dtype=torch.long, device=device),
+        torch.tensor(source, dtype=torch.long, device=device),
     )

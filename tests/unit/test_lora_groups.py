@@ -38,5 +38,13 @@ def test_rows_are_grouped_by_slot_and_padded_to_the_largest_group() -> None:
     groups = grouped_by_slot([3, 0, 1, 3, 3], torch.device("cpu"))
     assert groups is not None
     assert (groups.first, groups.count, groups.size) == (1, 3, 3)  # slots 1, 2 (empty), 3
-    assert groups.gather[groups.real].tolist() == groups.rows.tolist() == [2, 0, 3, 4]
+    zero_row = 5  # the all-zero row appended to a padded batch's input
+    assert groups.padded and groups.bare_rows
+    assert groups.gather.tolist() == [2, zero_row, zero_row, zero_row, zero_row, zero_row, 0, 3, 4]
+    zero_entry = 9  # the zero delta appended for rows without an adapter (row 1)
+    assert groups.source.tolist() == [6, zero_entry, 0, 7, 8]
+    even = grouped_by_slot([2, 1, 1, 2], torch.device("cpu"))
+    assert even is not None and not even.padded and not even.bare_rows
+    assert even.gather.tolist() == [1, 2, 0, 3]
+    assert even.source.tolist() == [2, 0, 1, 3]
     assert grouped_by_slot([NO_ADAPTER, NO_ADAPTER], torch.device("cpu")) is None
