@@ -17,6 +17,7 @@ from app.datasets.loss_mask import one_side, prompt_ids, token_mask
 from app.evaluation.split import Split
 from app.graders import grade
 from app.jobs.schemas import ReinforcementSettings
+from worker.base_side import BaseSide, BaseSides
 from worker.inference_layers import adapter_rows, inference_layers, mixes_rows
 
 if TYPE_CHECKING:
@@ -277,6 +278,9 @@ class EvaluationTask:
     scorer: bool = False  # a reward model: it ranks preference pairs, it does not write
     reinforcement: ReinforcementSettings | None = None
     reward_models: RewardModels | None = None
+    # Where the base model's side of supervised and preference evaluations is kept
+    # (worker/base_side.py); None: computed every time.
+    base_sides: BaseSides | None = None
 
 
 def evaluate(
@@ -323,7 +327,9 @@ def _supervised(
     task: EvaluationTask,
     adapter_losses: list[tuple[float, int]] | None,
 ) -> dict[str, Any]:
-    """Losses of base and adapter on the rows' trained tokens, and greedy answers of both."""
+    """Losses of base and adapter on the rows' trained tokens, and greedy answers of both. The
+    base model's side comes from task.base_sides where an earlier evaluation of the same rows
+    on the same base model kept it (worker/base_side.py); else it is computed, and kept."""
     records = task.records
     pairs = records if records and "chosen" in records[0] else None
     if pairs is not None:  # preference rows: losses and samples on the chosen answers
@@ -336,31 +342,50 @@ def _supervised(
     )
     max_new_tokens = min(MAX_SAMPLE_TOKENS, longest + 8)
 
+    sides, kept_as = task.base_sides, None
+    if sides is not None:
+        scored = [token_mask(tokenizer, record) for record in records]
+        if pairs is not None:
+            scored += [token_mask(tokenizer, one_side(record, "rejected")) for record in pairs]
+        asked = [prompt.input_ids for prompt in prompts]
+        kept_as = sides.key(model, [scored, asked, max_new_tokens, task.bf16])
+    base = sides.get(kept_as) if sides is not None and kept_as is not None else None
+
     if adapter_losses is None:
         adapter_losses = row_losses(model, tokenizer, records, task.bf16)
     adapter_loss = token_mean(adapter_losses)
-    adapter_answers, base_answers = answers_of_both(
-        model, tokenizer, prompts, max_new_tokens, task.bf16
-    )
+    if base is None:
+        adapter_answers, base_answers = answers_of_both(
+            model, tokenizer, prompts, max_new_tokens, task.bf16
+        )
+    else:
+        adapter_answers = answers(model, tokenizer, prompts, max_new_tokens, task.bf16)
     preference: dict[str, float] = {}
     if pairs is not None:
         preference["adapter_preference_accuracy"] = preference_accuracy(
             model, tokenizer, pairs, task.bf16
         )
-    with model.disable_adapter():
-        base_loss = mean_loss(model, tokenizer, records, task.bf16)
-        if pairs is not None:
-            preference["base_preference_accuracy"] = preference_accuracy(
-                model, tokenizer, pairs, task.bf16
+    reused = base is not None
+    if base is None:
+        with model.disable_adapter():
+            base = BaseSide(
+                mean_loss(model, tokenizer, records, task.bf16),
+                base_answers,
+                None if pairs is None else preference_accuracy(model, tokenizer, pairs, task.bf16),
             )
+        if sides is not None and kept_as is not None:
+            sides.put(kept_as, base)
+    if base.preference_accuracy is not None:
+        preference["base_preference_accuracy"] = base.preference_accuracy
     return {
         **{key: round(value, 6) for key, value in preference.items()},
         "split": task.split,
         "rows": len(records),
-        **_losses(base_loss, adapter_loss),
+        **_losses(base.loss, adapter_loss),
+        "base_side_reused": reused,
         "samples": [
             {"prompt": p.shown, "reference": p.reference, "base": b, "adapter": a}
-            for p, b, a in zip(prompts, base_answers, adapter_answers, strict=True)
+            for p, b, a in zip(prompts, base.answers, adapter_answers, strict=True)
         ],
     }
 

@@ -33,6 +33,7 @@ from app.jobs.schemas import LoraSpec, Method, MethodType
 from app.jobs.transitions import transition
 from app.settings import Settings
 from app.storage import artifact_store
+from worker.base_side import BaseSides
 from worker.checkpoints import CheckpointKeeper, latest_checkpoint, restore
 from worker.datasets import PreparedDatasets, prepare_datasets
 from worker.distributed import node_processes, run_distributed
@@ -380,6 +381,7 @@ def evaluation_task(context: JobContext, validated: Validated) -> EvaluationTask
         scorer=method.type is MethodType.REWARD_MODEL,
         reinforcement=method.reinforcement,
         reward_models=reward_models,
+        base_sides=BaseSides(settings.data_dir / "evaluations" / "base"),
     )
 
 

@@ -491,6 +491,12 @@ class Evaluation(ResponseModel):
     adapter_preference_accuracy: float | None = absent_if_none(
         "The same share for the fine-tuned model."
     )
+    base_side_reused: bool = Field(
+        default=False,
+        description="The base model's loss, answers and preference accuracy are those an earlier "
+        "evaluation of the same rows on the same base model computed (the worker keeps them: "
+        "only the adapter's side is computed again).",
+    )
     samples: list[EvaluationSample]
     seconds: float
 
