@@ -14,10 +14,14 @@ Arms:
 - peft: PEFT's own layers (the baseline; without worker/inference_layers.py, the base model's
   and the adapter's answers come from two generations);
 - tuneserve: the worker's inference layers (frozen weights packed in bf16 once, plain LoRA as
-  one product with the base model's rows masked, both sides' answers from one generation).
+  one product with the base model's rows masked, both sides' answers from one generation);
+- kept: the same, with the base model's side kept from an earlier evaluation of the same rows
+  (worker/base_side.py: a second job on the same validation set; filled once, untimed, before
+  the runs): the base model's loss and answers are read, only the adapter's are computed.
 
 Reported per arm and run: seconds for the adapter's loss, for the rest of the evaluation and in
-all; the ratio peft / tuneserve; and whether both arms found the same losses and answers.
+all; the ratios peft / tuneserve and peft / kept; and whether the arms found the same losses and
+answers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,15 +73,20 @@ def _model() -> tuple[Any, Any]:
 
 
 def _arm(
-    tokenizer: Any, model: Any, rows: list[dict[str, Any]], bf16: bool, layers: Any
+    tokenizer: Any,
+    model: Any,
+    rows: list[dict[str, Any]],
+    bf16: bool,
+    layers: Any,
+    kept: Any = None,
 ) -> dict[str, Any]:
     """The evaluation as worker/training.py runs it after training, with `layers` in place of
-    worker/inference_layers.py's."""
+    worker/inference_layers.py's, and the base sides kept in `kept` (a BaseSides) if any."""
     from worker import evaluation
     from worker.evaluation import EvaluationTask, evaluate, row_losses
 
     evaluation.inference_layers = layers  # what evaluate() enters
-    task = EvaluationTask(records=rows, split="validation", samples=3, bf16=bf16)
+    task = EvaluationTask(records=rows, split="validation", samples=3, bf16=bf16, base_sides=kept)
     started = time.perf_counter()
     with layers(model, bf16):
         losses = row_losses(model, tokenizer, rows, bf16)
@@ -89,6 +99,7 @@ def _arm(
         "seconds": round(done - started, 2),
         "base_eval_loss": found["base_eval_loss"],
         "adapter_eval_loss": found["adapter_eval_loss"],
+        "base_side_reused": found["base_side_reused"],
         "samples": found["samples"],
     }
 
@@ -103,38 +114,53 @@ def main() -> None:
     from training import datasets
 
     from app.devices import detect_device
+    from worker.base_side import BaseSides
     from worker.inference_layers import inference_layers
 
     bf16 = detect_device().bf16  # the worker's default, TUNESERVE_BF16=auto
     tokenizer, model = _model()
     _train, rows = datasets(64, args.rows)
     print(f"{len(rows)} validation rows, bf16 autocast {bf16}", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"peft": [], "tuneserve": []}
+    kept = BaseSides(Path(tempfile.mkdtemp()) / "base")
+    _arm(tokenizer, model, rows, bf16, inference_layers, kept)  # an earlier job's evaluation
+    arms = {
+        "peft": lambda: _arm(tokenizer, model, rows, bf16, _peft_layers),
+        "tuneserve": lambda: _arm(tokenizer, model, rows, bf16, inference_layers),
+        "kept": lambda: _arm(tokenizer, model, rows, bf16, inference_layers, kept),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     for _ in range(args.repeats):
-        for arm, layers in (("peft", _peft_layers), ("tuneserve", inference_layers)):
-            runs[arm].append(_arm(tokenizer, model, rows, bf16, layers))
+        for arm, run in arms.items():
+            runs[arm].append(run())
             print(f"{arm}: {runs[arm][-1]['seconds']} s", flush=True)
+    assert all(run["base_side_reused"] for run in runs["kept"])
 
-    print("\n| run | peft: adapter loss / rest / all (s) | tuneserve: same (s) | ratio |")
+    print("\n| run | peft: adapter loss / rest / all (s) | tuneserve: same (s) | kept: same (s) |")
     print("| --- | --- | --- | --- |")
-    for repeat, (a, b) in enumerate(zip(runs["peft"], runs["tuneserve"], strict=True), start=1):
+    for repeat, three in enumerate(zip(*runs.values(), strict=True), start=1):
         parts = [
             f"{run['adapter_loss_seconds']} / {run['evaluate_seconds']} / {run['seconds']}"
-            for run in (a, b)
+            for run in three
         ]
-        print(f"| {repeat} | {parts[0]} | {parts[1]} | {a['seconds'] / b['seconds']:.2f}x |")
-    a, b = runs["peft"][0], runs["tuneserve"][0]
+        print(f"| {repeat} | {' | '.join(parts)} |")
+    a, b, c = (runs[arm][0] for arm in arms)
     print(
-        f"\neval loss, base: {a['base_eval_loss']} / {b['base_eval_loss']}; adapter: "
-        f"{a['adapter_eval_loss']} / {b['adapter_eval_loss']} (peft / tuneserve)"
+        f"\neval loss, base: {a['base_eval_loss']} / {b['base_eval_loss']} / "
+        f"{c['base_eval_loss']}; adapter: {a['adapter_eval_loss']} / {b['adapter_eval_loss']} / "
+        f"{c['adapter_eval_loss']} (peft / tuneserve / kept)"
     )
-    pairs = list(zip(a["samples"], b["samples"], strict=True))
-    same = sum(x["adapter"] == y["adapter"] for x, y in pairs)
-    base = sum(x["base"] == y["base"] for x, y in pairs)
-    print(f"answers alike: adapter {same}/{len(a['samples'])}, base {base}/{len(a['samples'])}")
-    arms = zip(runs["peft"], runs["tuneserve"], strict=True)
-    median = statistics.median(x["seconds"] / y["seconds"] for x, y in arms)
-    print(f"median ratio peft / tuneserve: {median:.2f}x")
+    for name, other in (("tuneserve", b), ("kept", c)):
+        pairs = list(zip(a["samples"], other["samples"], strict=True))
+        same = sum(x["adapter"] == y["adapter"] for x, y in pairs)
+        base = sum(x["base"] == y["base"] for x, y in pairs)
+        print(
+            f"answers alike, peft and {name}: adapter {same}/{len(pairs)}, base {base}/{len(pairs)}"
+        )
+    for name in ("tuneserve", "kept"):
+        ratios = [
+            x["seconds"] / y["seconds"] for x, y in zip(runs["peft"], runs[name], strict=True)
+        ]
+        print(f"median ratio peft / {name}: {statistics.median(ratios):.2f}x")
     if args.out:
         args.out.write_text(json.dumps({"bf16": bf16, **runs}, indent=2))
 
