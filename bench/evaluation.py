@@ -149,13 +149,11 @@ def main() -> None:
         f"{c['base_eval_loss']}; adapter: {a['adapter_eval_loss']} / {b['adapter_eval_loss']} / "
         f"{c['adapter_eval_loss']} (peft / tuneserve / kept)"
     )
-    for name, other in (("tuneserve", b), ("kept", c)):
-        pairs = list(zip(a["samples"], other["samples"], strict=True))
+    for names, one, other in (("peft and tuneserve", a, b), ("tuneserve and kept", b, c)):
+        pairs = list(zip(one["samples"], other["samples"], strict=True))
         same = sum(x["adapter"] == y["adapter"] for x, y in pairs)
         base = sum(x["base"] == y["base"] for x, y in pairs)
-        print(
-            f"answers alike, peft and {name}: adapter {same}/{len(pairs)}, base {base}/{len(pairs)}"
-        )
+        print(f"answers alike, {names}: adapter {same}/{len(pairs)}, base {base}/{len(pairs)}")
     for name in ("tuneserve", "kept"):
         ratios = [
             x["seconds"] / y["seconds"] for x, y in zip(runs["peft"], runs[name], strict=True)
