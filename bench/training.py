@@ -33,6 +33,8 @@ import httpx
 from children import in_child
 
 REPO = Path(__file__).resolve().parent.parent
+# What the worker logs once it has imported the training libraries (worker/celery_app.py).
+WARMED_UP = "training libraries imported"
 sys.path.insert(0, str(REPO))
 from tests.corpus import CITIES, NAMES, TEMPLATES, jsonl, person_rows  # noqa: E402
 
@@ -250,10 +252,12 @@ def running_service(data_dir: Path, cache: Path, log_path: Path) -> Iterator[htt
             if proc.poll() is not None or time.monotonic() - began > 180:
                 raise RuntimeError(f"tuneserve up did not come up:\n{tail(log_path)}")
             time.sleep(0.5)
-        # The job is submitted once the worker listens, so its wait is queue pickup, not boot.
-        while "ready." not in log_path.read_text(errors="replace"):
+        # The job is submitted once the worker listens and has imported the training libraries
+        # (worker/celery_app.py), as a worker waiting for jobs has: its wait is queue pickup,
+        # not the worker's boot.
+        while WARMED_UP not in log_path.read_text(errors="replace"):
             if time.monotonic() - began > 120:
-                log("service: no 'ready.' from the worker in its log after 120 s; going on")
+                log(f"service: no {WARMED_UP!r} from the worker in its log after 120 s; going on")
                 break
             time.sleep(0.5)
         log(f"service: up at {url} in {time.monotonic() - began:.0f} s (log {log_path})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Celery, signals
@@ -69,21 +70,29 @@ def _log_start(sender: str, instance: Any, **_: Any) -> None:
 
 
 # The libraries a job trains with, imported while the worker waits for its first job: about 5 s
-# here (torch, transformers, PEFT with bitsandbytes, TRL's trainers) that the first job would
-# otherwise spend before its first step. Held while they import: a job that comes sooner waits
-# for the rest (wait_for_warm_up), since TRL's and transformers' lazy modules are not safe to
-# import from two threads at once.
+# here (torch, transformers, PEFT with bitsandbytes, TRL's trainers, and the worker's modules
+# that run a job) that the first job would otherwise spend before its first step. Held while
+# they import: a job that comes sooner waits for the rest (wait_for_warm_up), since TRL's and
+# transformers' lazy modules are not safe to import from two threads at once.
 _warming_up = threading.Lock()
 
 
+WARMED_UP = "training libraries imported"  # the log line that says so (bench/training.py)
+
+
 def _import_training_stack() -> None:
+    started = time.monotonic()
     try:
         import peft  # noqa: F401
         import torch  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
         from trl import DPOTrainer, SFTTrainer  # type: ignore[attr-defined] # noqa: F401
+
+        import worker.runner  # noqa: F401  (the job's own modules: another 0.5 s here)
     except Exception:  # a job importing them fails with the real error, by name
         logger.warning("could not import the training libraries ahead of jobs", exc_info=True)
+    else:
+        logger.info("%s in %.1f s", WARMED_UP, time.monotonic() - started)
     finally:
         _warming_up.release()
 
