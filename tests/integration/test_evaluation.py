@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.corpus import arithmetic_rows, jsonl
+from tests.corpus import arithmetic_rows, jsonl, person_rows
 from tests.fixtures.service import Service
 
 FAST = {"n_epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "max_seq_length": 64}
@@ -78,6 +78,32 @@ def test_a_validation_set_is_what_is_scored(service: Service, tiny_model: str) -
     assert job["evaluation"]["split"] == "validation"
     assert job["evaluation"]["rows"] == 4
     assert job["dataset"]["held_out_rows"] == 0
+
+
+def test_a_second_job_on_the_same_rows_reuses_the_base_models_side(
+    service: Service, tiny_model: str
+) -> None:
+    """worker/base_side.py: the base model's loss and answers on a validation set are computed
+    by the first job that scores it, and read by the next one (another learning rate here)."""
+    train = service.upload("t.jsonl", jsonl(arithmetic_rows(8)))
+    validation = service.upload("v.jsonl", jsonl(person_rows(3, seed=2024)))
+    jobs = []
+    for learning_rate in (1e-3, 3e-3):
+        job = service.wait_for(
+            service.create_job(
+                base_model=tiny_model,
+                dataset_url=train,
+                validation_url=validation,
+                hyperparameters={**FAST, "max_seq_length": 128, "learning_rate": learning_rate},
+            )["id"]
+        )
+        assert job["status"] == "succeeded", job["error"]
+        jobs.append(job["evaluation"])
+    first, second = jobs
+    assert (first["base_side_reused"], second["base_side_reused"]) == (False, True)
+    assert second["base_eval_loss"] == first["base_eval_loss"]
+    assert [s["base"] for s in second["samples"]] == [s["base"] for s in first["samples"]]
+    assert len(second["samples"]) == 3
 
 
 def test_a_small_dataset_is_scored_on_its_training_rows(service: Service, tiny_model: str) -> None:
