@@ -1,11 +1,13 @@
 """Training benchmark: a tuneserve job against the bare PEFT + TRL recipe, same data and settings.
 
     .venv/bin/python bench/training.py [--rows 256] [--epochs 1] [--eval-rows 32]
-                                       [--out results.json] [--quick]
+                                       [--out results.json] [--quick] [--again]
 
 Generates a chat dataset, trains it with bench/bare_recipe.py in a process of its own, then
 through the real service (`tuneserve up`, temporary data dir: POST /files, POST /jobs, a worker),
-then scores both adapters with one masking rule. See bench/README.md and docs/benchmarks.md.
+then scores both adapters with one masking rule. With --again the service then runs the same
+job once more (its evaluation reads the base model's side the first one kept) and reports that
+job's end to end and overhead. See bench/README.md and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -344,8 +346,35 @@ def training_seconds(
     )
 
 
+def _second_job(client: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    """The same job submitted again once the first is done, as another try on the same files:
+    its evaluation finds the base model's side kept by the first (worker/base_side.py)."""
+    job = call(client, "POST", "/jobs", json=body)
+    log(f"tuneserve: the same job again, {job['id']}")
+    job = follow(client, job["id"])
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"second job {job['status']}: {job.get('error')}")
+    events = call(client, "GET", f"/jobs/{job['id']}/events", params={"limit": 1000})["data"]
+    metrics = call(client, "GET", f"/jobs/{job['id']}/metrics")["data"]
+    seconds, _source = training_seconds(job, events, metrics)
+    succeeded = next(e["data"] for e in events if e["type"] == "job.succeeded") or {}
+    end_to_end = when(job["finished_at"]) - when(job["created_at"])
+    return {
+        "job": job["id"],
+        "base_side_reused": (job.get("evaluation") or {}).get("base_side_reused"),
+        "end_to_end_seconds": round(end_to_end, 2),
+        "overhead_seconds": round(end_to_end - seconds, 2),
+        "phases": succeeded.get("phases"),
+    }
+
+
 def run_tuneserve(
-    cache: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]], epochs: int, work: Path
+    cache: Path,
+    train: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    epochs: int,
+    work: Path,
+    again: bool = False,
 ) -> dict[str, Any]:
     (work / "data").mkdir()
     with running_service(work / "data", cache, work / "up.log") as client:
@@ -379,6 +408,7 @@ def run_tuneserve(
         archive = call(client, "GET", f"/adapters/{adapter}/download")
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
             tar.extractall(work / "tuneserve", filter="data")
+        second = _second_job(client, body) if again else None
     seconds, source = training_seconds(job, events, metrics)
     submit = when(job["created_at"])
     timeline = [{"after_s": round(when(e["created_at"]) - submit, 2), **e} for e in events]
@@ -407,6 +437,7 @@ def run_tuneserve(
         "eval_loss": progress.get("eval_loss"),
         "dataset": job.get("dataset"),
         "timeline": [{k: e[k] for k in ("after_s", "type", "message")} for e in timeline],
+        "again": second,
     }
 
 
@@ -444,6 +475,13 @@ def report(bare: dict[str, Any], served: dict[str, Any], same: dict[str, Any]) -
     print(f"\n{'':32}{'bare recipe':>16}{'tuneserve':>16}")
     for label, left, right in rows:
         print(f"{label:32}{cell(left):>16}{cell(right):>16}")
+    if served.get("again"):
+        again = served["again"]
+        print(
+            f"\nthe same job again (base model's side reused: {again['base_side_reused']}): "
+            f"end to end {again['end_to_end_seconds']} s, overhead beyond training "
+            f"{again['overhead_seconds']} s; phases {again['phases']}"
+        )
     print(f"\nbase model alone, same rule: eval loss {same['base']['eval_loss']:.4f}")
     print(f"tuneserve training seconds: {served['train_seconds_source']}")
     if abs(served["tokens"] / bare["tokens"] - 1) > 0.01:  # e.g. a padding-free collator
@@ -459,6 +497,11 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=32)
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="64 rows, 16 eval rows, 1 epoch")
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="then run the same job once more, as a second try on the same files would",
+    )
     parser.add_argument(
         "--trl-defaults",
         action="store_true",
@@ -496,7 +539,7 @@ def main() -> None:
         files = (work / "train.jsonl", work / "eval.jsonl")
         bare = run_bare(model_dir, *files, args.epochs, work, args.trl_defaults)
         log("tuneserve: starting `tuneserve up` with a temporary data dir")
-        served = run_tuneserve(cache, train, evals, args.epochs, work)
+        served = run_tuneserve(cache, train, evals, args.epochs, work, args.again)
         log("same-rule eval: base model, bare adapter, tuneserve adapter (fresh process)")
         adapters = {"base": None, "bare": bare["adapter_dir"], "tuneserve": served["adapter_dir"]}
         same = in_child(same_rule_eval, model_dir, adapters, str(work / "eval.jsonl"))
@@ -504,7 +547,7 @@ def main() -> None:
     summary = report(bare, served, same)
     log(f"benchmark wall time {time.perf_counter() - started:.0f} s")
     if args.out:
-        names = ("rows", "eval_rows", "epochs", "quick", "trl_defaults")
+        names = ("rows", "eval_rows", "epochs", "quick", "again", "trl_defaults")
         config = {k: getattr(args, k) for k in names}
         config |= {"base_model": BASE_MODEL, "model_dir": model_dir, "max_length": MAX_LENGTH}
         config |= {k: os.environ[k] for k in PASSED_ON if k in os.environ}
