@@ -51,7 +51,8 @@ def base_model_identity(model: Any) -> str | None:
     weights = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
     if not weights:
         return None
-    files = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in weights]
+    stats = [(path.name, path.stat()) for path in weights]
+    files = [(name, stat.st_size, stat.st_mtime_ns) for name, stat in stats]
     return json.dumps([str(directory.resolve()), files])
 
 
