@@ -12,11 +12,14 @@ not kept.
 
 One small JSON file per key under `TUNESERVE_DATA_DIR/evaluations/base`, written whole (a
 temporary file renamed) so that two workers sharing the directory never read half of one;
-deleting the directory only makes the next evaluations compute them again.
+deleting the directory only makes the next evaluations compute them again. At most `KEEP`
+files stay: a file read is marked as just used, and writing one past the limit deletes the
+least recently used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Bump when what a base side holds, or how worker/evaluation.py computes it, changes.
 VERSION = 1
+# Base sides kept at most (a few KB each): enough for every validation set of a busy service.
+KEEP = 500
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,9 @@ def base_model_identity(model: Any) -> str | None:
 class BaseSides:
     """The kept base sides under `directory`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, keep: int = KEEP) -> None:
         self.directory = directory
+        self.keep = keep
 
     def key(self, model: Any, rows: Any) -> str | None:
         """The key of model's base side on `rows` (JSON-able: token ids and settings), or None
@@ -84,12 +90,15 @@ class BaseSides:
     def get(self, key: str) -> BaseSide | None:
         path = self.directory / f"{key}.json"
         try:
-            return BaseSide(**json.loads(path.read_text()))
+            side = BaseSide(**json.loads(path.read_text()))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError) as exc:  # unreadable: computed again
             logger.warning("ignoring the kept base side %s: %s", path, exc)
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # just used: the last to be pruned
+        return side
 
     def put(self, key: str, side: BaseSide) -> None:
         temporary: str | None = None
@@ -99,7 +108,19 @@ class BaseSides:
             with os.fdopen(handle, "w") as file:
                 json.dump(asdict(side), file)
             os.replace(temporary, self.directory / f"{key}.json")
+            self._prune()
         except OSError as exc:  # the evaluation stands; the next one computes it again
             logger.warning("could not keep the base side in %s: %s", self.directory, exc)
             if temporary is not None:
                 Path(temporary).unlink(missing_ok=True)
+
+    def _prune(self) -> None:
+        """Delete the least recently used files beyond `keep`."""
+        stats = []
+        for path in self.directory.glob("*.json"):
+            try:
+                stats.append((path.stat().st_mtime_ns, path))
+            except FileNotFoundError:  # pruned by another worker meanwhile
+                continue
+        for _used, path in sorted(stats)[: max(len(stats) - self.keep, 0)]:
+            path.unlink(missing_ok=True)

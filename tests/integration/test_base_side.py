@@ -98,3 +98,14 @@ def test_an_unreadable_kept_side_is_computed_again(tmp_path: Path) -> None:
     (tmp_path / "k.json").write_text("{not json")
     assert sides.get("k") is None and sides.get("missing") is None
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_least_recently_used_sides_are_pruned(tmp_path: Path) -> None:
+    sides = BaseSides(tmp_path, keep=2)
+    for age, key in enumerate(["a", "b"]):
+        sides.put(key, BaseSide(float(age), [key]))
+        os.utime(tmp_path / f"{key}.json", ns=(age * 10**9, age * 10**9))  # a: the oldest
+    assert sides.get("a") == BaseSide(0.0, ["a"])  # read: now the most recently used
+    sides.put("c", BaseSide(2.0, ["c"]))
+    assert sorted(path.stem for path in tmp_path.glob("*.json")) == ["a", "c"]
+    assert sides.get("b") is None
