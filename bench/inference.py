@@ -357,10 +357,11 @@ def measure(
     log(f"{label}: the same {args.clients} requests on the base model alone")
     base_jobs: list[tuple[str | None, str]] = [(None, text) for _, text in jobs]
     _, counts, wall = service_load(client, base_jobs, args.tokens, send, f"{label} base")
-    log(f"{label}: one client, one adapter vs the base model alone, 3 times each")
+    repeats = args.single_repeats
+    log(f"{label}: one client, one adapter vs the base model alone, {repeats} times each, in turn")
     speeds: dict[str, list[float]] = {"adapter": [], "base": []}
     arms: list[tuple[str, str | None]] = [("adapter", ids[0]), ("base", None)]
-    for _ in range(3):
+    for _ in range(repeats):
         for arm, maybe_adapter in arms:
             seconds, count = send(client, maybe_adapter, prompt(0), args.tokens)
             speeds[arm].append(count / seconds)
@@ -427,6 +428,12 @@ def main() -> None:
         "--vllm-bind",
         default=f"0-{(os.cpu_count() or 1) - 1}",
         help="VLLM_CPU_OMP_THREADS_BIND: cores of vLLM's engine (default: all, as the api's)",
+    )
+    parser.add_argument(
+        "--single-repeats",
+        type=int,
+        default=5,
+        help="one client: requests of each arm (adapter, base model), in turn; medians compared",
     )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="2 adapters, 4 clients, 16 tokens")
