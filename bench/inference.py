@@ -502,7 +502,10 @@ def main() -> None:
         ratios = {arm: round(results[arm]["tokens_per_s"] / naive_speed, 2) for arm in arms}
         print(f"{'tokens/s over naive':24}" + "".join(f"{ratios[arm]:>15}x" for arm in arms))
     for arm, single in singles.items():
-        print(f"\none client through {arm}, {args.tokens} tokens, median of 3 (tokens/s):")
+        print(
+            f"\none client through {arm}, {args.tokens} tokens, "
+            f"median of {args.single_repeats} (tokens/s):"
+        )
         print(
             f"  adapter {single['adapter']}, base model alone {single['base']}: {single['ratio']}x"
         )
