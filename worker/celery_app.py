@@ -69,7 +69,7 @@ def _log_start(sender: str, instance: Any, **_: Any) -> None:
         logger.info("worker %s consuming %s from %s", sender, queues, broker)
 
 
-# The libraries a job trains with, imported while the worker waits for its first job: about 5 s
+# The libraries a job trains with, imported while the worker waits for its first job: about 6 s
 # here (torch, transformers, PEFT with bitsandbytes, TRL's trainers, and the worker's modules
 # that run a job) that the first job would otherwise spend before its first step. Held while
 # they import: a job that comes sooner waits for the rest (wait_for_warm_up), since TRL's and
@@ -85,10 +85,16 @@ def _import_training_stack() -> None:
     try:
         import peft  # noqa: F401
         import torch  # noqa: F401
+        from peft.import_utils import is_bnb_available
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
         from trl import DPOTrainer, SFTTrainer  # type: ignore[attr-defined] # noqa: F401
 
         import worker.runner  # noqa: F401  (the job's own modules: another 0.5 s here)
+
+        if is_bnb_available():
+            # What PEFT imports on the first LoRA model it builds where bitsandbytes is installed:
+            # its quantized layers, bitsandbytes, and through it torch's compiler (1.3 s here).
+            import peft.tuners.lora.bnb  # noqa: F401
     except Exception:  # a job importing them fails with the real error, by name
         logger.warning("could not import the training libraries ahead of jobs", exc_info=True)
     else:
