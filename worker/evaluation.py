@@ -173,8 +173,12 @@ def _generated(
     max_new_tokens: int,
     bf16: bool,
 ) -> list[str]:
-    """Greedy answers to prompts, in one left-padded batch."""
+    """Greedy answers to prompts, in one left-padded batch. The key/value cache is the inference
+    engine's (app/inference/kv_cache.py): it grows in place, where transformers' copies every
+    layer's keys and values at every step."""
     import torch
+
+    from app.inference.kv_cache import decoding_cache
 
     device = next(model.parameters()).device
     width = max(len(prompt.input_ids) for prompt in prompts)
@@ -192,6 +196,7 @@ def _generated(
             do_sample=False,
             pad_token_id=pad,
             use_cache=True,  # a model fresh from training has its cache turned off
+            past_key_values=decoding_cache(),
         )
     return [
         tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output.tolist()
