@@ -69,7 +69,7 @@ def _log_start(sender: str, instance: Any, **_: Any) -> None:
         logger.info("worker %s consuming %s from %s", sender, queues, broker)
 
 
-# The libraries a job trains with, imported while the worker waits for its first job: about 6 s
+# The libraries a job trains with, imported while the worker waits for its first job: about 5.5 s
 # here (torch, transformers, PEFT with bitsandbytes, TRL's trainers, and the worker's modules
 # that run a job) that the first job would otherwise spend before its first step. Held while
 # they import: a job that comes sooner waits for the rest (wait_for_warm_up), since TRL's and
