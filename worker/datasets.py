@@ -59,6 +59,9 @@ class PreparedDatasets:
     activation_checkpointing: bool = False
     # "fsdp" when the ranks shard the base model (asked, or the job fits only so), else None.
     distributed: str | None = None
+    # The base model's tokenizer, as loaded to count the rows' tokens: training in this process
+    # takes it on (worker/training.py train_lora) rather than loading it again.
+    tokenizer: Any = None
 
 
 def _bring_here(
@@ -101,25 +104,30 @@ def resolve_hyperparameters(
     TUNESERVE_DEVICE_MEMORY_BYTES); a job with none is returned as it is."""
     if not auto_fields(job.hyperparameters):
         return Resolved(hyperparameters=dict(job.hyperparameters), auto=[])
-    facts = model_facts(settings, get_base_model(settings, job.base_model))
-    seq = min(Hyperparameters.model_validate(job.hyperparameters).max_seq_length, max_row_tokens)
-    memory = settings.device_memory_bytes or (device.memory_bytes if device else None)
+    requested = Hyperparameters.model_validate(job.hyperparameters)
+    asked = _about_the_job(job, settings, requested.max_seq_length, max_row_tokens, device)
     return resolve(
         job.hyperparameters,
         rows=rows,
-        model_params=facts.params,
-        fits=batch_fits(
-            facts,
-            job.lora,
-            rows=rows,
-            seq=seq,
-            device_bytes=memory,
-            accelerator=device.accelerator_class if device else "cpu",
-            sequences_per_row=Method.model_validate(job.method or {}).sequences_per_row,
-            quantization=job.quantization,
-            shards=shards,
-        ),
+        model_params=asked["facts"].params,
+        fits=batch_fits(**asked, rows=rows, shards=shards),
     )
+
+
+def _about_the_job(
+    job: Job, settings: Settings, max_seq_length: int, max_row_tokens: int, device: Device | None
+) -> dict[str, Any]:
+    """What app/jobs/memory.py's fit questions take about this job on this worker's device
+    (or TUNESERVE_DEVICE_MEMORY_BYTES; device_bytes None when unknown), but the batch."""
+    return {
+        "facts": model_facts(settings, get_base_model(settings, job.base_model)),
+        "lora": job.lora,
+        "seq": min(max_seq_length, max_row_tokens),
+        "device_bytes": _device_bytes(settings, device),
+        "accelerator": device.accelerator_class if device else "cpu",
+        "sequences_per_row": Method.model_validate(job.method or {}).sequences_per_row,
+        "quantization": job.quantization,
+    }
 
 
 def _fit_question(
@@ -132,20 +140,15 @@ def _fit_question(
     device: Device | None,
 ) -> dict[str, Any] | None:
     """The arguments app/jobs/memory.py's fit questions take for this job's largest batch on
-    this worker's device (or TUNESERVE_DEVICE_MEMORY_BYTES); None when its memory is unknown."""
-    memory = settings.device_memory_bytes or (device.memory_bytes if device else None)
-    if memory is None:
+    this worker's device; None when its memory is unknown."""
+    if _device_bytes(settings, device) is None:
         return None
-    return {
-        "facts": model_facts(settings, get_base_model(settings, job.base_model)),
-        "lora": job.lora,
-        "batch": min(hyperparameters.batch_size, rows),
-        "seq": min(hyperparameters.max_seq_length, max_row_tokens),
-        "device_bytes": memory,
-        "accelerator": device.accelerator_class if device else "cpu",
-        "sequences_per_row": Method.model_validate(job.method or {}).sequences_per_row,
-        "quantization": job.quantization,
-    }
+    asked = _about_the_job(job, settings, hyperparameters.max_seq_length, max_row_tokens, device)
+    return {**asked, "batch": min(hyperparameters.batch_size, rows)}
+
+
+def _device_bytes(settings: Settings, device: Device | None) -> int | None:
+    return settings.device_memory_bytes or (device.memory_bytes if device else None)
 
 
 def needs_checkpointing(
@@ -290,4 +293,5 @@ def prepare_datasets(
             shards=shards,
         ),
         distributed=distributed,
+        tokenizer=tokenizer,
     )

@@ -311,7 +311,9 @@ def train(context: JobContext, validated: Validated) -> Trained:
         )
         result = run_distributed(spec, train_rows, eval_rows, context.workdir, hooks, processes)
     else:
-        result = train_lora(spec, train_rows, eval_rows, context.workdir, hooks)
+        result = train_lora(
+            spec, train_rows, eval_rows, context.workdir, hooks, tokenizer=prepared.tokenizer
+        )
     writer.flush(must=True)
     context.check_stop()
     if result.stopped_early:

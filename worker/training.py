@@ -459,10 +459,14 @@ def train_lora(
     output_dir: Path,
     hooks: TrainingHooks | None = None,
     extra_callbacks: list[Any] | None = None,
+    *,
+    tokenizer: Any = None,
 ) -> TrainingResult:
     """Train a LoRA adapter with the job's method (TRL's SFTTrainer; DPOTrainer, ORPOTrainer or
     RewardTrainer on preference rows; GRPOTrainer on prompt rows) and save it (PEFT format) into
-    output_dir/adapter."""
+    output_dir/adapter. tokenizer: the base model's, already loaded for this job (the dataset
+    validation's, worker/datasets.py); None: loaded here. The trainers may set its padding
+    token, so it is not shared with other jobs."""
     import torch
     from datasets import Dataset
     from peft import PeftModel, prepare_model_for_kbit_training
@@ -487,9 +491,10 @@ def train_lora(
     started = time.monotonic()
     preference = spec.method.learns_preferences
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        spec.model_location, trust_remote_code=False, **spec.model_kwargs
-    )
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.model_location, trust_remote_code=False, **spec.model_kwargs
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     scorer = spec.method.type is MethodType.REWARD_MODEL
